@@ -1,0 +1,32 @@
+# Two commands do everything on a fresh machine with Python 3.11 and pip:
+#   make demo   set up, then run the main job (a short StratOpt training run)
+#   make test   set up, then run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.stratopt-installed
+
+.PHONY: setup demo test clean
+setup: $(STAMP)
+
+# torch first and only if the venv has none, so an installed (e.g. CUDA) torch is never
+# replaced; then everything else with torch pinned to whatever is installed.
+$(STAMP): setup.py requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH)"
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
+	$(PIP) install -q setuptools wheel -c $(VENV)/torch-constraint.txt
+	$(PIP) install -q --no-build-isolation -c $(VENV)/torch-constraint.txt -r requirements.txt
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m stratopt_ds.train --optimizer stratopt --steps 60 --out runs/demo
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,240 @@
+"""The layer-adaptive Adam engine behind every optimizer name (spec sections 1-7).
+
+One class computes AdamW, AdEMAMix, StratOpt, its ablations and the 12 layer-adaptive
+variants; a name is only a preset of keywords (``stratopt_ds.optim.config``). Per step:
+
+1. per-layer sums of squares of the local gradient fragments (``layer_map``), reduced across
+   ranks by the map's ``reduce`` (identity on one process);
+2. per-layer clip coefficients and scales ``alpha_l`` (``layer_stats``);
+3. the elementwise update of every fragment with its layer's scalars.
+
+The elementwise update is::
+
+    g  = clip_coef_l * grad
+    m1 = b1*m1 + (1-b1)*g;  v = b2*v + (1-b2)*g^2;  m2 = b3(t)*m2 + (1-b3(t))*g  (if mix_alpha > 0)
+    u  = (m1/(1-b1^t) + a(t)*m2) / (sqrt(v/(1-b2^t)) + eps)
+    theta = theta*(1 - lr*wd) - lr*alpha_l*u
+
+which is AdamW's decoupled decay for every optimizer (spec sections 1, 2 and 4 agree on it).
+
+Choices where the spec leaves room:
+
+* ``beta1_mode="depth"`` replaces ``betas[0]`` by ``b1_l`` in the first moment, in its bias
+  correction, and as the start point of the ``b3(t)`` warm-up.
+* The whole step is computed without a host synchronisation: a non-finite layer norm turns the
+  learning rate and the moment weights to zero through a device flag, so weights, moments and
+  the step counter stay bit-identical, and ``skipped_steps`` counts it.
+* Parameters whose ``.grad`` is None are neither measured nor updated, like ``torch.optim``.
+* States are float32 whatever the parameter dtype; a low-precision parameter is updated in
+  float32 and written back rounded.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar, Iterable, Optional
+
+import torch
+from torch.optim import Optimizer
+
+from ..layer_map import LayerMap, local_layer_sq, whole_tensor_map
+from . import config
+from .layer_stats import LayerStats, LayerStep
+from .schedules import beta3_at, mix_alpha_at
+
+
+class LayerwiseAdam(Optimizer):
+    """Layer-adaptive Adam; see the module docstring. Keywords: spec section 10."""
+
+    preset: ClassVar[str] = "adamw"
+
+    def __init__(self, params: Iterable[Any], **hyperparams: Any):
+        preset = config.preset_defaults(self.preset)
+        group_kw, layer_kw = config.split_keywords(hyperparams)
+        defaults = {k: preset[k] for k in config.GROUP_DEFAULTS} | group_kw
+        self.layer_options = {k: preset[k] for k in config.LAYER_DEFAULTS} | layer_kw
+        config.validate_layer_options(self.layer_options)
+        config.validate_group(defaults)
+        self.layer_map: Optional[LayerMap] = None       # the map step() uses
+        self.base_layer_map: Optional[LayerMap] = None  # whole tensors, as built
+        self._sharding = None                           # a ZeroBinding under DeepSpeed ZeRO
+        self.layer_stats: Optional[LayerStats] = None
+        self.last_step: Optional[LayerStep] = None
+        super().__init__(params, defaults)
+        self._build_layer_map()
+
+    # ----------------------------------------------------------------------------------------
+    # Groups, names and the layer map
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        for key in config.LAYER_DEFAULTS:
+            if isinstance(param_group, dict) and key in param_group:
+                raise ValueError(f"{key!r} is an optimizer-wide setting and cannot be set per "
+                                 f"parameter group; pass {key}=... to the optimizer instead")
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if isinstance(group.get("betas"), list):
+            group["betas"] = tuple(group["betas"])
+        config.validate_group(group)
+        for p in group["params"]:
+            if p.is_sparse:
+                raise ValueError("sparse parameters are not supported")
+        if self.base_layer_map is not None:  # a group added after construction
+            if self._sharding is not None:
+                raise ValueError("cannot add a parameter group to an optimizer driven by DeepSpeed ZeRO")
+            self._build_layer_map()
+
+    def _param_names(self) -> list[str]:
+        names: list[str] = []
+        for g, group in enumerate(self.param_groups):
+            if "param_names" in group:
+                names.extend(group["param_names"])
+            elif self.layer_options["granularity"] == "block":
+                raise ValueError("granularity='block' needs parameter names: build the optimizer "
+                                 "with stratopt_ds.create_optimizer(model, ...), pass "
+                                 "model.named_parameters(), or give each group 'param_names'")
+            else:
+                names.extend(f"group{g}.param{k}" for k in range(len(group["params"])))
+        return names
+
+    def _build_layer_map(self) -> None:
+        params = [p for group in self.param_groups for p in group["params"]]
+        devices = {p.device for p in params}
+        if len(devices) > 1:
+            raise ValueError(f"all parameters must be on one device, got {sorted(map(str, devices))}")
+        layer_map = whole_tensor_map(params, self._param_names(), self.layer_options["granularity"])
+        device = params[0].device if params else torch.device("cpu")
+        self.base_layer_map = self.layer_map = layer_map
+        self._init_layer_stats(device)
+
+    def bind_sharding(self, binding) -> None:
+        """Step flat partitions through ``binding`` (a :class:`stratopt_ds.zero.ZeroBinding`).
+
+        The layer numbering is the optimizer's own, so the statistics carry over unchanged."""
+        assert binding.layer_map.num_layers == self.layer_stats.num_layers
+        self._sharding, self.layer_map = binding, binding.layer_map
+
+    def _init_layer_stats(self, device: torch.device) -> None:
+        """(Re)create the layer statistics; they carry over when the numbering only grows."""
+        layer_map = self.layer_map
+        old = self.layer_stats
+        stats = LayerStats(layer_map.num_layers, self.layer_options, device)
+        if old is not None and old.num_layers <= stats.num_layers:
+            for key in ("gbar", "count", "clip_count"):
+                getattr(stats, key)[: old.num_layers].copy_(getattr(old, key))
+            stats.skipped_steps.copy_(old.skipped_steps)
+        self.layer_stats = stats
+        depths = torch.tensor(layer_map.layout.depths, dtype=torch.float64, device=device)
+        self._depth_beta1 = config.DEPTH_B1_BASE + config.DEPTH_B1_SPAN * depths
+
+    # ----------------------------------------------------------------------------------------
+    # Readable counters
+
+    @property
+    def skipped_steps(self) -> int:
+        """How many steps were skipped because a layer norm was NaN or Inf."""
+        return int(self.layer_stats.skipped_steps)
+
+    def layer_clip_counts(self) -> dict[str, int]:
+        """How often each layer's gradient was clipped, by layer name."""
+        counts = self.layer_stats.clip_count.tolist()
+        return dict(zip(self.layer_map.layout.layer_names, counts))
+
+    # ----------------------------------------------------------------------------------------
+    # The step
+
+    def _stepped_tensors(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    if p.grad.is_sparse:
+                        raise ValueError("sparse gradients are not supported")
+                    yield group, p
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        stepped = list(self._stepped_tensors())
+        ids = {id(p) for _, p in stepped}
+        if self._sharding is None and any(i not in self.layer_map.fragments for i in ids):
+            from ..zero import attach  # DeepSpeed replaced our tensors by flat partitions
+            attach(self)
+        sharding = self._sharding
+        # Under ZeRO the inner step runs once per group; the norms of all groups are taken
+        # (with one all-reduce) at the first call of each engine step and reused by the rest.
+        if sharding is None or sharding.starts_step(ids):
+            layer_sq = local_layer_sq(self.layer_map, ((p, p.grad) for _, p in stepped),
+                                      self.layer_stats.gbar.device)
+            if sharding is not None:
+                sharding.add_pending(ids, layer_sq)
+            if self.layer_map.reduce is not None:
+                layer_sq = self.layer_map.reduce(layer_sq)
+            self.last_step = self.layer_stats.advance(layer_sq)
+        self._update(stepped, self.last_step)
+        return loss
+
+    def _state_of(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float64, device=p.device)
+            zeros = lambda: torch.zeros(p.shape, dtype=torch.float32, device=p.device)  # noqa: E731
+            state["exp_avg"] = zeros()
+            state["exp_avg_sq"] = zeros()
+            if group["mix_alpha"] > 0:
+                state["exp_avg_slow"] = zeros()
+        return state
+
+    def _update(self, stepped, ls: LayerStep) -> None:
+        finite = ls.finite
+        keep = finite.to(torch.float64)  # 1: apply the step, 0: leave everything as it is
+        coef, alpha = ls.clip_coef.unbind(0), ls.alpha.unbind(0)
+        depth_mode = self.layer_options["beta1_mode"] == "depth"
+        beta1_of_layer = self._depth_beta1.unbind(0) if depth_mode else None
+        for group, p in stepped:
+            state = self._state_of(p, group)
+            state["step"].add_(keep)
+            t = torch.clamp(state["step"], min=1.0)  # a skipped first step must not divide by 0
+            b2 = group["betas"][1]
+            lr = group["lr"] * keep
+            mix = group["mix_alpha"]
+            a_t = mix_alpha_at(t, mix, group["t_alpha"]) if mix > 0 else None
+            p32 = p if p.dtype == torch.float32 else p.float()
+            flat = {name: x.view(-1) for name, x in
+                    (("param", p32), ("grad", p.grad), ("m1", state["exp_avg"]),
+                     ("v", state["exp_avg_sq"]), ("m2", state.get("exp_avg_slow")))
+                    if x is not None}
+            for frag in self.layer_map.fragments_of(p):
+                view = {k: x.narrow(0, frag.start, frag.length) for k, x in flat.items()}
+                b1 = beta1_of_layer[frag.layer] if depth_mode else torch.as_tensor(
+                    group["betas"][0], dtype=torch.float64, device=p.device)
+                g = torch.where(finite, view["grad"].float() * coef[frag.layer], 0.0)
+                view["m1"].lerp_(g, (1.0 - b1) * keep)
+                view["v"].lerp_(g * g, (1.0 - b2) * keep)
+                numer = view["m1"] / (1.0 - b1 ** t)
+                if a_t is not None:
+                    b3 = beta3_at(t, b1, group["beta3"], group["t_beta3"])
+                    view["m2"].lerp_(g, (1.0 - b3) * keep)
+                    numer = numer + a_t * view["m2"]
+                denom = torch.sqrt(view["v"] / (1.0 - b2 ** t)) + group["eps"]
+                view["param"].mul_(1.0 - lr * group["weight_decay"])
+                view["param"].add_(numer / denom * (-lr * alpha[frag.layer]))
+            if p32 is not p:
+                p.copy_(p32)
+
+    # ----------------------------------------------------------------------------------------
+    # Checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["layer_stats"] = self.layer_stats.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        if "layer_stats" not in state_dict:
+            raise ValueError("state_dict has no 'layer_stats': it was not saved by a stratopt_ds "
+                             "optimizer (keys: %s)" % sorted(state_dict))
+        stats = state_dict.pop("layer_stats")
+        super().load_state_dict(state_dict)
+        self.layer_stats.load_state_dict(stats)

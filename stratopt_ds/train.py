@@ -1,0 +1,318 @@
+"""The main job: pretrain a LLaMA-style model with any stratopt_ds optimizer, on one process.
+
+    python -m stratopt_ds.train                                   # tiny model, synthetic text
+    python -m stratopt_ds.train --optimizer adamw --steps 200 --out runs/adamw
+    python -m stratopt_ds.train --data corpus.jsonl --tokenizer bpe --opt-args clip=global
+    python -m stratopt_ds.train --preset 134m --data fineweb --tokenizer gpt2 --device cuda
+
+Everything happens in ``main`` from top to bottom: check the options, build the data, the model,
+the optimizer and its schedule, train, evaluate, write ``metrics.jsonl`` and ``summary.json``.
+Bad options stop the job before any data is read or any weight is allocated.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from . import data, models
+from .optim import available_optimizers, create_optimizer, preset_defaults
+
+# ------------------------------------------------------------------------------------------------
+# Options
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stratopt-train", description=__doc__.split("\n\n")[0])
+    add = p.add_argument
+    add("--optimizer", default="stratopt",
+        help="optimizer name, see stratopt_ds.available_optimizers() (default: stratopt)")
+    add("--opt-args", action="extend", nargs="+", default=[], metavar="ARG",
+        help="hyperparameter overrides: a JSON object or key=value pairs (values parsed as JSON)")
+    add("--preset", default="tiny",
+        help=f"model preset: {', '.join(models.PRESETS)} (default: tiny)")
+    add("--steps", type=int, default=100, help="optimizer steps (default: 100)")
+    add("--batch-size", type=int, default=None, help="sequences per step (default: the preset's)")
+    add("--seq-len", type=int, default=None, help="tokens per sequence (default: the preset's)")
+    add("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
+    add("--warmup-steps", type=int, default=None,
+        help="linear warm-up steps (default: 10%% of --steps)")
+    add("--data", default="synthetic",
+        help="'synthetic' (default), 'fineweb', or a .txt/.jsonl/.parquet file")
+    add("--max-docs", type=int, default=None,
+        help="read at most this many documents (default: all; 2000 synthetic, 20000 fineweb)")
+    add("--tokenizer", default="byte",
+        help="'byte' (default), 'bpe' (trained on the data), or a hub name")
+    add("--bpe-vocab", type=int, default=4096,
+        help="vocabulary size of --tokenizer bpe (default: 4096)")
+    add("--cache-dir", default=None, help="where trained tokenizers are cached "
+        "(default: $STRATOPT_CACHE or ~/.cache/stratopt_ds)")
+    add("--seed", type=int, default=0, help="model initialisation seed (default: 0)")
+    add("--data-seed", type=int, default=0, help="data order seed (default: 0)")
+    add("--val-windows", type=int, default=64,
+        help="validation sequences, at most 10%% of the data (default: 64)")
+    add("--eval-every", type=int, default=100,
+        help="validation every N steps; 0: only at the end (default: 100)")
+    add("--eval-batches", type=int, default=4,
+        help="validation batches per evaluation; 0: none (default: 4)")
+    add("--out", default=None, help="directory for metrics.jsonl and summary.json")
+    add("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    add("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def parse_opt_args(items: list[str]) -> dict[str, Any]:
+    """['{"beta3": 0.99}'] or ['beta3=0.99', 'clip=global'] -> {'beta3': 0.99, 'clip': 'global'}."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if item.lstrip().startswith("{"):
+            out.update(json.loads(item))
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"expected key=value or a JSON object, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value  # a bare string such as clip=global
+    return out
+
+
+def optimizer_hyperparams(name: str, overrides: dict[str, Any], lr: float, steps: int) -> dict:
+    """The optimizer keywords: overrides, the peak lr, and the slow-momentum warm-up lengths.
+
+    When the optimizer mixes in a slow momentum (mix_alpha > 0) its warm-ups ``t_alpha`` and
+    ``t_beta3`` span the whole run unless the overrides set them.
+    """
+    if "lr" in overrides:
+        raise ValueError("set the learning rate with --lr, not in --opt-args")
+    hp = {**overrides, "lr": lr}
+    mix = hp.get("mix_alpha", preset_defaults(name)["mix_alpha"])
+    if isinstance(mix, (int, float)) and mix > 0:
+        hp.setdefault("t_alpha", steps)
+        hp.setdefault("t_beta3", steps)
+    return hp
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the preset's defaults and stop with a clear message at the first bad option."""
+    if args.optimizer not in available_optimizers():
+        parser.error(f"--optimizer: unknown optimizer {args.optimizer!r}; "
+                     f"available: {', '.join(available_optimizers())}")
+    try:
+        preset = models.preset(args.preset)
+    except ValueError as e:
+        parser.error(f"--preset: {e}")
+    for key, default in [("batch_size", preset["batch_size"]), ("seq_len", preset["seq_len"]),
+                         ("lr", preset["lr"]), ("warmup_steps", max(1, args.steps // 10))]:
+        if getattr(args, key) is None:
+            setattr(args, key, default)
+    max_docs = 1 if args.max_docs is None else args.max_docs
+    for option, value, minimum in [
+            ("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
+            ("--seq-len", args.seq_len, 1), ("--val-windows", args.val_windows, 1),
+            ("--max-docs", max_docs, 1), ("--warmup-steps", args.warmup_steps, 0),
+            ("--eval-every", args.eval_every, 0), ("--eval-batches", args.eval_batches, 0)]:
+        if value < minimum:
+            parser.error(f"{option} must be >= {minimum}, got {value}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        parser.error(f"--lr must be a finite number > 0, got {args.lr}")
+    try:
+        data.check_source(args.data)
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(f"--data: {e}")
+    if args.tokenizer == "bpe" and args.bpe_vocab < data.MIN_BPE_VOCAB:
+        parser.error(f"--bpe-vocab must be >= {data.MIN_BPE_VOCAB}, got {args.bpe_vocab}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        parser.error(f"--device: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available on this machine")
+    try:  # build the optimizer once on a throw-away module: bad hyperparameters raise here
+        args.hyperparams = optimizer_hyperparams(args.optimizer, parse_opt_args(args.opt_args),
+                                                 args.lr, args.steps)
+        create_optimizer(args.optimizer, nn.Linear(1, 1), **args.hyperparams)
+    except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError too
+        parser.error(f"--opt-args: {e}")
+    return args
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = build_parser()
+    return check_args(parser, parser.parse_args(argv))
+
+
+# ------------------------------------------------------------------------------------------------
+# Schedule, loss, evaluation, logging
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
+                final_ratio: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up to the peak lr, then cosine decay to ``final_ratio`` * peak by the end."""
+
+    def factor(step: int) -> float:  # step = 0 for the first optimizer step
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps))
+        return final_ratio + (1.0 - final_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def lm_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy."""
+    logits = model(input_ids=inputs).logits
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, windows: torch.Tensor, batch_size: int, max_batches: int,
+             device: torch.device) -> float:
+    """Mean loss over the (fixed) validation windows."""
+    model.eval()
+    total, count = 0.0, 0
+    for inputs, targets in data.val_batches(windows, batch_size, max_batches):
+        total += lm_loss(model, inputs.to(device), targets.to(device)).item() * targets.numel()
+        count += targets.numel()
+    model.train()
+    return total / count
+
+
+def finite_or_none(x: float) -> Optional[float]:
+    """JSON has no NaN/Inf: a skipped step logs null."""
+    return x if math.isfinite(x) else None
+
+
+def optimizer_stats(opt) -> dict[str, Any]:
+    """Gradient norms and layer scales of the last step, and the running counters."""
+    ls = opt.last_step
+    norms, alpha = ls.norms.double(), ls.alpha.double()
+    return {"grad_norm": finite_or_none(norms.square().sum().sqrt().item()),
+            "layer_norm_max": finite_or_none(norms.max().item()),
+            "alpha_min": alpha.min().item(), "alpha_mean": alpha.mean().item(),
+            "alpha_max": alpha.max().item(),
+            "clip_events": sum(opt.layer_clip_counts().values()),
+            "skipped_steps": opt.skipped_steps}
+
+
+class MetricsLog:
+    """Appends one JSON object per line to ``out/metrics.jsonl`` (nothing when out is None)."""
+
+    def __init__(self, out: Optional[str]):
+        self.file = None
+        if out is not None:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            self.file = open(Path(out) / "metrics.jsonl", "w", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    val = "n/a" if s["val_loss"] is None else f"{s['val_loss']:.4f}"
+    print(f"{s['optimizer']} on {s['preset']} ({s['params']:,} params), {s['steps']} steps, "
+          f"{s['tokens']:,} tokens")
+    print(f"  loss {s['first_loss']:.4f} -> {s['last_loss']:.4f} | val loss {val} | "
+          f"{s['tokens_per_s']:,.0f} tokens/s | train {s['train_time']:.1f}s | "
+          f"wall {s['wall_time']:.1f}s | skipped steps {s['skipped_steps']}")
+
+
+# ------------------------------------------------------------------------------------------------
+# The job
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+
+    # Data: documents -> tokens -> windows; the validation windows are fixed by the corpus.
+    corpus = data.prepare_corpus(args.data, args.tokenizer, args.seq_len, args.val_windows,
+                                 args.bpe_vocab, args.cache_dir, args.max_docs)
+    batches = data.BatchIterator(corpus.train, args.batch_size, seed=args.data_seed)
+
+    # Model, optimizer, schedule.
+    model = models.build_model(args.preset, corpus.tokenizer.vocab_size, args.seq_len,
+                               seed=args.seed).to(device)
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = create_optimizer(args.optimizer, model, **args.hyperparams)
+    sched = lr_schedule(opt, args.warmup_steps, args.steps)
+    print(f"{args.optimizer} {args.hyperparams} | {args.preset}: {n_params:,} params | "
+          f"{args.data}: {corpus.num_docs:,} docs, {corpus.num_tokens:,} tokens "
+          f"({corpus.tokenizer.name}), {len(corpus.train)} train / {len(corpus.val)} val windows")
+
+    # Train.
+    log = MetricsLog(args.out)
+    losses, val_losses = [], []
+    tokens, eval_time = 0, 0.0
+    t0 = time.perf_counter()
+    bar = tqdm(total=args.steps, desc="train", disable=args.no_progress, file=sys.stderr,
+               dynamic_ncols=True)
+    for step in range(1, args.steps + 1):
+        inputs, targets = next(batches)
+        lr = sched.get_last_lr()[0]
+        loss = lm_loss(model, inputs.to(device), targets.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+
+        tokens += targets.numel()
+        losses.append(loss.item())
+        log.write({"step": step, "loss": finite_or_none(losses[-1]), "lr": lr, "tokens": tokens,
+                   "elapsed": time.perf_counter() - t0, **optimizer_stats(opt)})
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.2e}")
+
+        is_eval_step = (args.eval_every and step % args.eval_every == 0) or step == args.steps
+        if args.eval_batches and is_eval_step:
+            t_eval = time.perf_counter()
+            val = evaluate(model, corpus.val, args.batch_size, args.eval_batches, device)
+            eval_time += time.perf_counter() - t_eval
+            val_losses.append((step, val))
+            log.write({"step": step, "val_loss": finite_or_none(val), "tokens": tokens,
+                       "elapsed": time.perf_counter() - t0})
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", val=f"{val:.3f}", lr=f"{lr:.2e}")
+    bar.close()
+    log.close()
+    train_time = time.perf_counter() - t0 - eval_time
+
+    # Summary.
+    summary = {
+        "optimizer": args.optimizer, "preset": args.preset, "params": n_params,
+        "hyperparams": args.hyperparams, "data": args.data, "tokenizer": corpus.tokenizer.name,
+        "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
+        "seed": args.seed, "data_seed": args.data_seed, "tokens": tokens,
+        "first_loss": losses[0], "last_loss": losses[-1], "losses": losses,
+        "val_loss": val_losses[-1][1] if val_losses else None, "val_losses": val_losses,
+        "tokens_per_s": tokens / max(train_time, 1e-9), "train_time": train_time,
+        "wall_time": time.perf_counter() - t_start, "skipped_steps": opt.skipped_steps,
+        "clip_counts": opt.layer_clip_counts(), "data_state": batches.state_dict(),
+        "out": args.out,
+    }
+    if args.out is not None:
+        (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print_summary(summary)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

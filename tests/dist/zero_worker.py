@@ -1,0 +1,200 @@
+"""Multi-process ZeRO runs, launched by tests/test_zero.py as `deepspeed --num_gpus W ...`.
+
+One process per rank loops over many configurations (every launch costs seconds). For each,
+it trains the same model with DeepSpeed and, on rank 0, with the plain single-process optimizer
+on the same global batches, and writes what the test asserts to a JSON file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+import deepspeed  # noqa: E402
+from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
+
+import stratopt_ds  # noqa: E402
+from helpers import TinyNet, batch, max_rel_err  # noqa: E402
+
+GLOBAL_BATCH = 24
+STEPS = 20
+LR = 1e-2
+
+
+def make_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = TinyNet(vocab=11, dims=(7, 13, 10, 9), n_out=5)
+    model.blocks[1].norm.bias.requires_grad_(False)  # a frozen tensor
+    return model
+
+
+def micro_batches(step: int, world: int, gas: int):
+    """[micro][rank] -> (x, y): the global batch of ``step`` split for ``world`` ranks and ``gas``."""
+    x, y = batch(step, n=GLOBAL_BATCH, seq=5, vocab=11, n_out=5, seed=1)
+    mb = GLOBAL_BATCH // (world * gas)
+    return [[(x[(m * world + r) * mb:(m * world + r + 1) * mb], y[(m * world + r) * mb:(m * world + r + 1) * mb])
+             for r in range(world)] for m in range(gas)]
+
+
+def opt_kwargs(cfg):
+    return dict(lr=LR, granularity=cfg.get("granularity", "tensor"))
+
+
+def clip_like_deepspeed(params, clip: float) -> None:
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads)).float()
+    coef = torch.clamp((norm + 1e-6) / clip, min=1.0)
+    for g in grads:
+        g.mul_(1.0 / coef)
+
+
+def reference_run(cfg, world: int):
+    """Single process, same global batches, same micro-batch split; bf16 forward if asked."""
+    master = make_model()
+    opt = stratopt_ds.create_optimizer(cfg["opt"], master, **opt_kwargs(cfg))
+    work = master
+    if cfg.get("bf16"):
+        work = make_model().to(torch.bfloat16)
+        work.load_state_dict(master.state_dict())
+    gas = cfg["gas"]
+    for step in range(STEPS):
+        acc = {n: torch.zeros_like(p) for n, p in master.named_parameters() if p.requires_grad}
+        for micro in micro_batches(step, world, gas):
+            for x, y in micro:
+                work.zero_grad(set_to_none=True)
+                (torch.nn.functional.cross_entropy(work(x).float(), y) / gas).backward()
+                for n, p in work.named_parameters():
+                    if p.requires_grad:
+                        acc[n] += p.grad.float()
+        for n, p in master.named_parameters():
+            if p.requires_grad:
+                p.grad = acc[n] / world
+        if cfg.get("ds_clip"):
+            clip_like_deepspeed(master.parameters(), cfg["ds_clip"])
+        opt.step()
+        if work is not master:
+            with torch.no_grad():
+                for (_, wp), mp in zip(work.named_parameters(), master.parameters()):
+                    wp.copy_(mp)
+    return {n: p.detach().clone() for n, p in master.named_parameters()}, opt.last_step.norms.clone()
+
+
+def ds_config(cfg):
+    zero = {"stage": cfg["stage"]}
+    if cfg.get("offload"):
+        zero["offload_optimizer"] = {"device": "cpu"}
+    world = dist.get_world_size()
+    return {
+        "train_micro_batch_size_per_gpu": GLOBAL_BATCH // (world * cfg["gas"]),
+        "gradient_accumulation_steps": cfg["gas"],
+        "zero_optimization": zero,
+        "bf16": {"enabled": bool(cfg.get("bf16"))},
+        "gradient_clipping": cfg.get("ds_clip", 0.0),
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+    }
+
+
+class AllReduceCounter:
+    """Wraps torch.distributed.all_reduce; counts float64 vectors of length L (our norms)."""
+
+    def __init__(self, length: int):
+        self.length, self.calls = length, 0
+        self._orig = dist.all_reduce
+
+    def __enter__(self):
+        def counted(tensor, *args, **kwargs):
+            if tensor.dtype == torch.float64 and tensor.numel() == self.length:
+                self.calls += 1
+            return self._orig(tensor, *args, **kwargs)
+        dist.all_reduce = counted
+        return self
+
+    def __exit__(self, *exc):
+        dist.all_reduce = self._orig
+
+
+def ds_run(cfg):
+    world, rank = dist.get_world_size(), dist.get_rank()
+    model = make_model()
+    opt = stratopt_ds.create_optimizer(cfg["opt"], model, **opt_kwargs(cfg))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(cfg))
+    if cfg.get("no_reduce"):  # deliberately per-partition norms: the matrix must then fail
+        stratopt_ds.zero.attach(opt, engine.optimizer, reduce_enabled=False)
+    dtype = torch.bfloat16 if cfg.get("bf16") else torch.float32
+    with AllReduceCounter(opt.layer_stats.num_layers) as counter:
+        for step in range(STEPS):
+            for micro in micro_batches(step, world, cfg["gas"]):
+                x, y = micro[rank]
+                loss = torch.nn.functional.cross_entropy(engine(x).to(torch.float32), y)
+                engine.backward(loss)
+                engine.step()
+    params = {}
+    for n, p in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(p) if p.requires_grad else None
+        params[n] = (full if full is not None else p.detach().float()).clone()
+    norms = opt.last_step.norms.clone()
+    gathered = [torch.zeros_like(norms) for _ in range(world)]
+    dist.all_gather(gathered, norms)
+    same_on_ranks = all(torch.equal(g, gathered[0]) for g in gathered)
+    kind = opt._sharding.kind if opt._sharding is not None else "none"
+    return params, norms, same_on_ranks, counter.calls, kind, dtype
+
+
+def matrix(world: int):
+    opts = [("stratopt", "tensor"), ("la-sqrt-b1depth-cliplayer", "block"),
+            ("la-inverse-b1const-clipglobal", "tensor")]
+    cfgs = []
+    for stage in (0, 1, 2, 3):
+        for offload in ((False,) if stage == 0 else (False, True)):
+            for gas in (1, 2):
+                for name, gran in opts:
+                    cfgs.append(dict(stage=stage, offload=offload, gas=gas, opt=name, granularity=gran))
+    for stage in (1, 2, 3):
+        cfgs.append(dict(stage=stage, offload=False, gas=2, opt="stratopt", bf16=True))
+    cfgs.append(dict(stage=3, offload=True, gas=1, opt="stratopt", bf16=True))
+    cfgs.append(dict(stage=2, offload=False, gas=1, opt="stratopt", ds_clip=0.05))
+    cfgs.append(dict(stage=3, offload=True, gas=2, opt="la-sqrt-b1depth-cliplayer", ds_clip=0.05))
+    return cfgs
+
+
+def no_reduce(world: int):
+    return [dict(stage=s, offload=o, gas=1, opt="stratopt", no_reduce=True)
+            for s in (1, 2, 3) for o in (False, True)]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--suite", choices=["matrix", "no_reduce"], required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--local_rank", type=int, default=0)
+    args = parser.parse_args()
+    deepspeed.init_distributed(dist_backend="gloo")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    results = []
+    for cfg in {"matrix": matrix, "no_reduce": no_reduce}[args.suite](world):
+        params, norms, same, calls, kind, _ = ds_run(cfg)
+        if rank == 0:
+            ref_params, ref_norms = reference_run(cfg, world)
+            results.append(dict(cfg=cfg, world=world, kind=kind,
+                                rel_err=max_rel_err(params, ref_params),
+                                norm_rel_err=float(((norms - ref_norms).abs() / ref_norms.abs().clamp_min(1e-30)).max()),
+                                norms_same_on_ranks=same, allreduce_calls=calls, steps=STEPS))
+        dist.barrier()
+    if rank == 0:
+        with open(args.out, "w") as fh:
+            json.dump(results, fh, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

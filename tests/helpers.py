@@ -1,0 +1,54 @@
+"""Small models and comparison helpers shared by the tests."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.lin = nn.Linear(d_in, d_out)
+        self.norm = nn.LayerNorm(d_out)
+
+    def forward(self, x):
+        return self.norm(torch.tanh(self.lin(x)))
+
+
+class TinyNet(nn.Module):
+    """Embedding, three blocks of different shapes, a head: names carry block indices."""
+
+    def __init__(self, vocab: int = 11, dims=(6, 10, 7, 9), n_out: int = 5):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dims[0])
+        self.blocks = nn.ModuleList(Block(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.head = nn.Linear(dims[-1], n_out, bias=False)
+
+    def forward(self, tokens):
+        x = self.embed(tokens).mean(dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def batch(step: int, n: int = 16, seq: int = 5, vocab: int = 11, n_out: int = 5, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed * 100003 + step)
+    return (torch.randint(0, vocab, (n, seq), generator=gen),
+            torch.randint(0, n_out, (n,), generator=gen))
+
+
+def loss_scale(step: int) -> float:
+    """Gradient spikes (layer clipping fires) and dips (the alpha clamp binds)."""
+    return {7: 40.0, 13: 0.003, 19: 25.0, 23: 0.002}.get(step, 1.0)
+
+
+def compute_grads(model: nn.Module, step: int, scale: float = 1.0) -> None:
+    model.zero_grad(set_to_none=True)
+    x, y = batch(step)
+    (nn.functional.cross_entropy(model(x), y) * scale).backward()
+
+
+def max_rel_err(a: dict, b: dict) -> float:
+    """max over tensors of max|a-b| / max|b|."""
+    return max(float((a[k].double() - b[k].double()).abs().max() / b[k].double().abs().max())
+               for k in b)

@@ -1,0 +1,236 @@
+"""The main job (stratopt_ds.train) with its data and model presets. Offline, CPU, < 1 minute."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from stratopt_ds import data, models, train
+
+FAST = ["--no-progress", "--eval-batches", "2"]
+
+
+def run(tmp_path, *extra: str) -> dict:
+    return train.main(["--out", str(tmp_path / "run"), *FAST, *extra])
+
+
+def read_metrics(tmp_path) -> list[dict]:
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def write_paragraphs(n: int) -> list[str]:
+    return [f"Paragraph {i}: the quick brown fox jumps over the lazy dog {i % 7} times, "
+            f"and the dog sleeps." for i in range(n)]
+
+
+# ------------------------------------------------------------------------------------------------
+# The tiny job learns and logs
+
+
+def test_tiny_stratopt_20_steps_loss_goes_down_and_is_logged(tmp_path):
+    s = run(tmp_path, "--steps", "20", "--eval-every", "10")
+    losses = s["losses"]
+    assert len(losses) == 20 and all(math.isfinite(x) for x in losses)
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert first - last > 1.0, (first, last)  # ln(257) = 5.55 at init; ~3.1 after 20 steps
+    assert s["val_loss"] < losses[0] - 1.0
+    assert s["skipped_steps"] == 0 and s["tokens"] == 20 * 8 * 64
+    assert s["hyperparams"]["t_alpha"] == s["hyperparams"]["t_beta3"] == 20  # stratopt mixes
+
+    records = read_metrics(tmp_path)
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 21))
+    for r in steps:
+        assert r["grad_norm"] > 0 and r["alpha_min"] <= r["alpha_mean"] <= r["alpha_max"]
+        assert {"lr", "tokens", "elapsed", "layer_norm_max", "skipped_steps"} <= set(r)
+    assert [r["step"] for r in records if "val_loss" in r] == [10, 20]
+    # Warm-up then cosine decay down to 10% of the peak at the last step.
+    assert steps[1]["lr"] == pytest.approx(3e-3) and steps[-1]["lr"] == pytest.approx(3e-4)
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert saved["losses"] == losses and saved["val_loss"] == s["val_loss"]
+
+
+def test_same_seeds_same_run_and_data_seed_changes_order(tmp_path):
+    a = train.main([*FAST, "--steps", "3", "--eval-batches", "0"])
+    b = train.main([*FAST, "--steps", "3", "--eval-batches", "0"])
+    c = train.main([*FAST, "--steps", "3", "--eval-batches", "0", "--data-seed", "1"])
+    assert a["losses"] == b["losses"]
+    assert a["losses"][0] != c["losses"][0]
+    assert a["val_loss"] is None and a["data_state"]["step"] == 3
+
+
+def test_other_optimizer_with_opt_args(tmp_path):
+    s = run(tmp_path, "--steps", "4", "--optimizer", "la-sqrt-b1depth-cliplayer",
+            "--opt-args", "weight_decay=0.0", '{"betas": [0.9, 0.95]}')
+    assert s["hyperparams"] == {"weight_decay": 0.0, "betas": [0.9, 0.95], "lr": 3e-3}
+    assert s["last_loss"] < s["first_loss"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Local data files and tokenizers
+
+
+def test_txt_file_as_data(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(write_paragraphs(40)), encoding="utf-8")
+    assert len(data.read_txt(path)) == 40
+    s = run(tmp_path, "--data", str(path), "--steps", "3", "--seq-len", "32", "--batch-size", "4")
+    assert s["data"] == str(path) and len(s["losses"]) == 3 and s["val_loss"] is not None
+
+
+def test_jsonl_file_as_data(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": p, "id": i}) + "\n"
+                            for i, p in enumerate(write_paragraphs(40))))
+    assert data.read_jsonl(path)[0].startswith("Paragraph 0")
+    s = run(tmp_path, "--data", str(path), "--steps", "3", "--seq-len", "32", "--batch-size", "4")
+    assert len(read_metrics(tmp_path)) == 3 + 1  # 3 steps + the final validation
+
+
+def test_parquet_file_and_bad_jsonl(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "corpus.parquet"
+    pq.write_table(pa.table({"text": write_paragraphs(5)}), path)
+    assert data.load_documents(str(path)) == write_paragraphs(5)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"body": "no text field"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: .*'text'"):
+        data.load_documents(str(bad))
+
+
+def test_bpe_trains_once_and_is_cached(tmp_path):
+    docs = data.synthetic_corpus(200)
+    first = data.train_bpe(docs, 300, cache_dir=tmp_path)
+    assert not first.from_cache and first.path.is_file() and first.path.parent == tmp_path
+    assert first.vocab_size == 300 and first.eos_id is not None
+    mtime = first.path.stat().st_mtime_ns
+    second = data.get_tokenizer("bpe", docs, 300, cache_dir=tmp_path)
+    assert second.from_cache and second.path == first.path
+    assert first.path.stat().st_mtime_ns == mtime
+    text = docs[0]
+    assert second.encode(text) == first.encode(text) and second.decode(second.encode(text)) == text
+    assert len(first.encode(text)) < len(text.encode())  # merges actually compress
+    # Another vocabulary size or other text is another cache entry.
+    assert data.bpe_cache_path(docs, 301, tmp_path) != first.path
+    assert data.bpe_cache_path(docs[1:], 300, tmp_path) != first.path
+
+
+def test_train_with_bpe_tokenizer(tmp_path):
+    s = run(tmp_path, "--tokenizer", "bpe", "--bpe-vocab", "300", "--cache-dir", str(tmp_path),
+            "--max-docs", "300", "--steps", "2")
+    assert s["tokenizer"] == "bpe300" and len(list(tmp_path.glob("bpe-*.json"))) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Packing, validation split and the resumable batch order
+
+
+def test_pack_split_and_resumable_batches():
+    windows = data.pack([[1, 2, 3], [4, 5]], eos_id=0, seq_len=2)
+    assert windows.tolist() == [[1, 2, 3], [0, 4, 5]]  # [1 2 3 EOS 4 5 EOS] minus the tail
+
+    windows = torch.arange(100 * 5, dtype=torch.int32).reshape(100, 5)
+    train_w, val_w = data.split_windows(windows, val_windows=64)
+    assert len(val_w) == 10 and torch.equal(val_w, windows[-10:])  # at most 10%, the last ones
+
+    full = data.BatchIterator(train_w, batch_size=7, seed=3)
+    expected = [next(full)[0] for _ in range(30)]  # 30 * 7 > 90: crosses epoch boundaries
+    first_epoch = torch.cat([full.indices(k) for k in range(90 // 7)])
+    assert len(set(first_epoch.tolist())) == len(first_epoch)  # no window twice in an epoch
+    resumed = data.BatchIterator(train_w, batch_size=7, seed=3)
+    for _ in range(12):
+        next(resumed)
+    state = resumed.state_dict()
+    again = data.BatchIterator(train_w, batch_size=7, seed=3)
+    again.load_state_dict(state)
+    assert all(torch.equal(next(again)[0], expected[k]) for k in range(12, 30))
+    other = data.BatchIterator(train_w, batch_size=7, seed=4)
+    assert not torch.equal(next(other)[0], expected[0])
+    with pytest.raises(ValueError, match="seed"):
+        other.load_state_dict(state)
+
+
+def test_lr_schedule_warmup_then_cosine_to_ten_percent():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = train.lr_schedule(opt, warmup_steps=4, total_steps=20)
+    lrs = []
+    for _ in range(20):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[:5] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] == pytest.approx(0.1)
+
+
+def test_parse_opt_args():
+    assert train.parse_opt_args(['{"beta3": 0.99}', "clip=global", "betas=[0.9,0.95]"]) == {
+        "beta3": 0.99, "clip": "global", "betas": [0.9, 0.95]}
+    with pytest.raises(ValueError, match="key=value"):
+        train.parse_opt_args(["beta3"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad options fail before any work, naming the option
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--optimizer", "nope"], ["--optimizer", "'nope'", "stratopt", "adamw"]),
+    (["--data", "/no/such/file.txt"], ["--data", "/no/such/file.txt", "not found"]),
+    (["--preset", "huge"], ["--preset", "'huge'", "tiny", "134m", "1b"]),
+    (["--steps", "0"], ["--steps", ">= 1", "got 0"]),
+    (["--batch-size", "0"], ["--batch-size"]),
+    (["--lr", "-1"], ["--lr"]),
+    (["--opt-args", "beta3=2"], ["--opt-args", "beta3"]),
+    (["--opt-args", "nonsense=1"], ["--opt-args", "nonsense"]),
+    (["--opt-args", "lr=0.1"], ["--opt-args", "--lr"]),
+])
+def test_bad_options_exit_with_a_clear_message(argv, words, capsys, monkeypatch):
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the options were checked")
+
+    monkeypatch.setattr(data, "prepare_corpus", no_work)
+    monkeypatch.setattr(models, "build_model", no_work)
+    with pytest.raises(SystemExit) as exc:
+        train.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    for word in words:
+        assert word in err, (word, err)
+
+
+def test_command_line_entry_reports_bad_steps():
+    proc = subprocess.run([sys.executable, "-m", "stratopt_ds.train", "--steps", "0"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--steps must be >= 1, got 0" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# Model presets
+
+
+@pytest.mark.parametrize("name", ["134m", "500m", "1b"])
+def test_preset_parameter_count_matches_its_name(name):
+    count = models.count_parameters(models.llama_config(name))
+    nominal = models.NOMINAL_PARAMS[name]
+    assert abs(count - nominal) / nominal < 0.02, (name, count)
+
+
+def test_tiny_preset_builds_and_count_is_exact():
+    model = models.build_model("tiny", vocab_size=257, seq_len=64, seed=0)
+    assert sum(p.numel() for p in model.parameters()) == models.count_parameters(model.config)
+    again = models.build_model("tiny", vocab_size=257, seq_len=64, seed=0)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), again.parameters()))
+    logits = model(input_ids=torch.zeros(2, 8, dtype=torch.long)).logits
+    assert logits.shape == (2, 8, 257)
+    assert models.llama_config("134m", vocab_size=50257).vocab_size == 50304  # padded to 64
+
+
+def test_unknown_preset_names_the_allowed_ones():
+    with pytest.raises(ValueError, match=r"'huge'.*tiny, 134m, 500m, 1b"):
+        models.build_model("huge")
