@@ -122,18 +122,15 @@ def local_layer_sq(layer_map: LayerMap, tensors_and_grads: Iterable[tuple[torch.
                    device: torch.device) -> torch.Tensor:
     """Per-layer sums of squares of the local gradient fragments, as a float64 vector of length L.
 
-    Fragment sums are added per layer with ``index_add_`` (a layer may have several fragments
-    here), never scattered. Layers with no local fragment stay 0.
+    The sums are taken by :func:`stratopt_ds.ops.fragment_sumsq` (native kernel or PyTorch
+    reference, by device): fp64 per layer, added over the fragments in order, never scattered.
+    Layers with no local fragment stay 0.
     """
-    sums, ids = [], []
+    from .ops import fragment_sumsq  # late: stratopt_ds.ops imports the optimizer's schedules
+
+    grads, rows = [], []
     for tensor, grad in tensors_and_grads:
-        flat = grad.reshape(-1)
-        for frag in layer_map.fragments_of(tensor):
-            piece = flat.narrow(0, frag.start, frag.length).to(torch.float64)
-            sums.append(torch.dot(piece, piece))
-            ids.append(frag.layer)
-    layer_sq = torch.zeros(layer_map.num_layers, dtype=torch.float64, device=device)
-    if sums:
-        index = torch.tensor(ids, dtype=torch.long, device=device)
-        layer_sq.index_add_(0, index, torch.stack(sums))
-    return layer_sq
+        rows.extend((len(grads), frag.start, frag.length, frag.layer)
+                    for frag in layer_map.fragments_of(tensor))
+        grads.append(grad)
+    return fragment_sumsq(grads, rows, layer_map.num_layers, device)

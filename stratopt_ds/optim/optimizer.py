@@ -35,10 +35,10 @@ from typing import Any, Callable, ClassVar, Iterable, Optional
 import torch
 from torch.optim import Optimizer
 
+from .. import ops
 from ..layer_map import LayerMap, local_layer_sq, whole_tensor_map
 from . import config
 from .layer_stats import LayerStats, LayerStep
-from .schedules import beta3_at, mix_alpha_at
 
 
 class LayerwiseAdam(Optimizer):
@@ -186,41 +186,37 @@ class LayerwiseAdam(Optimizer):
         return state
 
     def _update(self, stepped, ls: LayerStep) -> None:
+        # The elementwise maths lives in stratopt_ds.ops (native kernels and the PyTorch
+        # reference); here only the bookkeeping: states, step counters, one call per group.
         finite = ls.finite
         keep = finite.to(torch.float64)  # 1: apply the step, 0: leave everything as it is
-        coef, alpha = ls.clip_coef.unbind(0), ls.alpha.unbind(0)
         depth_mode = self.layer_options["beta1_mode"] == "depth"
-        beta1_of_layer = self._depth_beta1.unbind(0) if depth_mode else None
+        beta1_layer = self._depth_beta1 if depth_mode else None
+        groups: dict[int, tuple[dict[str, Any], list[torch.Tensor]]] = {}
         for group, p in stepped:
-            state = self._state_of(p, group)
-            state["step"].add_(keep)
-            t = torch.clamp(state["step"], min=1.0)  # a skipped first step must not divide by 0
-            b2 = group["betas"][1]
-            lr = group["lr"] * keep
-            mix = group["mix_alpha"]
-            a_t = mix_alpha_at(t, mix, group["t_alpha"]) if mix > 0 else None
-            p32 = p if p.dtype == torch.float32 else p.float()
-            flat = {name: x.view(-1) for name, x in
-                    (("param", p32), ("grad", p.grad), ("m1", state["exp_avg"]),
-                     ("v", state["exp_avg_sq"]), ("m2", state.get("exp_avg_slow")))
-                    if x is not None}
-            for frag in self.layer_map.fragments_of(p):
-                view = {k: x.narrow(0, frag.start, frag.length) for k, x in flat.items()}
-                b1 = beta1_of_layer[frag.layer] if depth_mode else torch.as_tensor(
-                    group["betas"][0], dtype=torch.float64, device=p.device)
-                g = torch.where(finite, view["grad"].float() * coef[frag.layer], 0.0)
-                view["m1"].lerp_(g, (1.0 - b1) * keep)
-                view["v"].lerp_(g * g, (1.0 - b2) * keep)
-                numer = view["m1"] / (1.0 - b1 ** t)
-                if a_t is not None:
-                    b3 = beta3_at(t, b1, group["beta3"], group["t_beta3"])
-                    view["m2"].lerp_(g, (1.0 - b3) * keep)
-                    numer = numer + a_t * view["m2"]
-                denom = torch.sqrt(view["v"] / (1.0 - b2 ** t)) + group["eps"]
-                view["param"].mul_(1.0 - lr * group["weight_decay"])
-                view["param"].add_(numer / denom * (-lr * alpha[frag.layer]))
-            if p32 is not p:
-                p.copy_(p32)
+            groups.setdefault(id(group), (group, []))[1].append(p)
+        for group, ps in groups.values():
+            states = [self._state_of(p, group) for p in ps]
+            steps = [state["step"] for state in states]
+            torch._foreach_add_(steps, keep)
+            p32s = [p if p.dtype == torch.float32 else p.float() for p in ps]
+            frags = [(i, frag.start, frag.length, frag.layer)
+                     for i, p in enumerate(ps) for frag in self.layer_map.fragments_of(p)]
+            mix = group["mix_alpha"] > 0
+            ops.fragment_update(
+                [x.view(-1) for x in p32s], [p.grad.reshape(-1) for p in ps],
+                [st["exp_avg"].view(-1) for st in states], [st["exp_avg_sq"].view(-1) for st in states],
+                [st["exp_avg_slow"].view(-1) for st in states] if mix else None, steps, frags,
+                finite, ls.clip_coef, ls.alpha, beta1_layer,
+                lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
+                weight_decay=group["weight_decay"], beta3=group["beta3"],
+                mix_alpha=group["mix_alpha"], t_alpha=group["t_alpha"], t_beta3=group["t_beta3"],
+                # a bf16 parameter is written from its fp32 copy in the same pass
+                bf16_out=[p.view(-1) if (p32 is not p and p.dtype == torch.bfloat16) else None
+                          for p, p32 in zip(ps, p32s)])
+            for p, p32 in zip(ps, p32s):
+                if p32 is not p and p.dtype != torch.bfloat16:
+                    p.copy_(p32)
 
     # ----------------------------------------------------------------------------------------
     # Checkpoints

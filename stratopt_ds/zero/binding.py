@@ -29,6 +29,10 @@ _CLIP_EPS = 1e-6  # DeepSpeed's: clip = (norm + 1e-6) / clip_grad
 
 def _wrapper_kind(wrapper) -> Optional[str]:
     name = type(wrapper).__name__
+    if name in ("FP16_Optimizer", "FP16_UnfusedOptimizer"):
+        raise UnsupportedZeroSetting("bf16/fp16 with zero_optimization.stage=0 wraps the optimizer in "
+                                     f"DeepSpeed's {name}, which stratopt_ds does not support; use ZeRO "
+                                     "stage >= 1 for bf16, or fp32 at stage 0")
     if "MiCS" in name:
         raise UnsupportedZeroSetting("MiCS (zero_optimization.mics_shard_size) is not supported by "
                                      "stratopt_ds: its shard group is not the data-parallel group")
@@ -37,14 +41,20 @@ def _wrapper_kind(wrapper) -> Optional[str]:
 
 
 def find_wrapper(optimizer):
-    """The DeepSpeed wrapper whose ``.optimizer`` is ``optimizer`` (looked up once, at attach)."""
+    """The DeepSpeed wrapper whose ``.optimizer`` is ``optimizer`` (looked up once, at attach).
+
+    The wrapper refers to the optimizer either directly (CPython keeps instance attributes
+    inline) or through its ``__dict__`` once that has been materialised; both are checked."""
+    candidates = []
     for referrer in gc.get_referrers(optimizer):
-        if not isinstance(referrer, dict):
-            continue
-        for owner in gc.get_referrers(referrer):
-            if getattr(owner, "__dict__", None) is referrer and getattr(owner, "optimizer", None) is optimizer:
-                if _wrapper_kind(owner) is not None:
-                    return owner
+        if isinstance(referrer, dict):
+            candidates.extend(owner for owner in gc.get_referrers(referrer)
+                              if getattr(owner, "__dict__", None) is referrer)
+        else:
+            candidates.append(referrer)
+    for owner in candidates:
+        if getattr(owner, "optimizer", None) is optimizer and _wrapper_kind(owner) is not None:
+            return owner
     return None
 
 

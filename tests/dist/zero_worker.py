@@ -21,6 +21,7 @@ import deepspeed  # noqa: E402
 from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
 
 import stratopt_ds  # noqa: E402
+import stratopt_ds.deepspeed  # noqa: E402
 from helpers import TinyNet, batch, max_rel_err  # noqa: E402
 
 GLOBAL_BATCH = 24
@@ -58,11 +59,14 @@ def clip_like_deepspeed(params, clip: float) -> None:
 def reference_run(cfg, world: int):
     """Single process, same global batches, same micro-batch split; bf16 forward if asked."""
     master = make_model()
-    opt = stratopt_ds.create_optimizer(cfg["opt"], master, **opt_kwargs(cfg))
     work = master
-    if cfg.get("bf16"):
+    if cfg.get("bf16"):  # DeepSpeed's fp32 master starts from the bf16-rounded weights
         work = make_model().to(torch.bfloat16)
-        work.load_state_dict(master.state_dict())
+        with torch.no_grad():
+            for p in master.parameters():
+                p.copy_(p.to(torch.bfloat16).float())
+    target = [p for p in master.parameters() if p.requires_grad] if cfg.get("plain") else master
+    opt = stratopt_ds.create_optimizer(cfg["opt"], target, **opt_kwargs(cfg))
     gas = cfg["gas"]
     for step in range(STEPS):
         acc = {n: torch.zeros_like(p) for n, p in master.named_parameters() if p.requires_grad}
@@ -96,6 +100,10 @@ def ds_config(cfg):
         "gradient_accumulation_steps": cfg["gas"],
         "zero_optimization": zero,
         "bf16": {"enabled": bool(cfg.get("bf16"))},
+        # bf16 runs accumulate and reduce gradients in fp32, as the reference does; with
+        # bf16 communication the reduction's own rounding (~4e-3) would hide any norm error.
+        **({"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"}
+           if cfg.get("bf16") else {}),
         "gradient_clipping": cfg.get("ds_clip", 0.0),
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
@@ -146,7 +154,25 @@ def ds_run(cfg):
     dist.all_gather(gathered, norms)
     same_on_ranks = all(torch.equal(g, gathered[0]) for g in gathered)
     kind = opt._sharding.kind if opt._sharding is not None else "none"
-    return params, norms, same_on_ranks, counter.calls, kind, dtype
+    layout = _layout_facts(opt)
+    return params, norms, same_on_ranks, counter.calls, kind, layout
+
+
+def _layout_facts(opt):
+    """How many layers straddle ranks, and how much padding the partitions have."""
+    if opt._sharding is None:
+        return {"straddling_layers": 0, "padding": 0}
+    slots = opt._sharding.slots
+    mine = sorted({f.layer for s in slots for f in s.fragments})
+    padding = sum(s.flat.numel() - sum(f.length for f in s.fragments) for s in slots)
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (mine, padding))
+    owners = {}
+    for layers, _ in everyone:
+        for layer in layers:
+            owners[layer] = owners.get(layer, 0) + 1
+    return {"straddling_layers": sum(1 for n in owners.values() if n > 1),
+            "padding": sum(p for _, p in everyone)}
 
 
 def matrix(world: int):
@@ -171,20 +197,146 @@ def no_reduce(world: int):
             for s in (1, 2, 3) for o in (False, True)]
 
 
+def full_fp32_params(engine):
+    out = {}
+    for n, p in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(p) if p.requires_grad else None
+        out[n] = (full if full is not None else p.detach().float()).clone()
+    return out
+
+
+def train_steps(engine, cfg, steps):
+    world, rank = dist.get_world_size(), dist.get_rank()
+    for step in steps:
+        for micro in micro_batches(step, world, cfg["gas"]):
+            x, y = micro[rank]
+            engine.backward(torch.nn.functional.cross_entropy(engine(x).float(), y))
+            engine.step()
+
+
+def json_config(cfg, type_name):
+    config = ds_config(cfg)
+    for key in ("zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "gradient_clipping"):
+        config.pop(key)  # stratopt_ds.deepspeed.initialize sets these itself
+    config["optimizer"] = {"type": type_name, "params": opt_kwargs(cfg)}
+    return config
+
+
+def path_json_ours(cfg):
+    """Path 1: stratopt_ds.deepspeed.initialize reads the optimizer from the JSON config."""
+    engine, *_ = stratopt_ds.deepspeed.initialize(model=make_model(), config=json_config(cfg, cfg["type"]))
+    train_steps(engine, cfg, range(STEPS))
+    return full_fp32_params(engine), {"engine_clipping": engine.gradient_clipping(),
+                                      "bound": engine.basic_optimizer._sharding is not None}
+
+
+def path_torch_alias(cfg):
+    """Path 3: plain deepspeed.initialize resolves the JSON type through torch.optim.<Class>."""
+    model = make_model()
+    config = ds_config(cfg)
+    config["optimizer"] = {"type": cfg["type"], "params": opt_kwargs(cfg)}
+    engine, *_ = deepspeed.initialize(model=model, config=config,
+                                      model_parameters=[p for p in model.parameters() if p.requires_grad])
+    train_steps(engine, cfg, range(STEPS))
+    return full_fp32_params(engine), {"bound": engine.basic_optimizer._sharding is not None,
+                                      "inner": type(engine.basic_optimizer).__name__}
+
+
+def checkpoint_case(cfg, ckpt_dir):
+    """Save at step k, resume in a fresh engine: step k+1 must be bit-identical."""
+    k = 6
+    engine, *_ = stratopt_ds.deepspeed.initialize(model=make_model(), config=json_config(cfg, "StratOpt"))
+    train_steps(engine, cfg, range(k))
+    engine.save_checkpoint(ckpt_dir, tag="k")
+    at_k = full_fp32_params(engine)
+    train_steps(engine, cfg, [k])
+    after, gbar = full_fp32_params(engine), engine.basic_optimizer.layer_stats.gbar.clone()
+    fresh, *_ = stratopt_ds.deepspeed.initialize(model=make_model(seed=7), config=json_config(cfg, "StratOpt"))
+    fresh.load_checkpoint(ckpt_dir, tag="k")
+    train_steps(fresh, cfg, [k])
+    resumed = full_fp32_params(fresh)
+    facts = {"bit_identical": all(torch.equal(after[n], resumed[n]) for n in after),
+             "gbar_identical": torch.equal(gbar, fresh.basic_optimizer.layer_stats.gbar)}
+    dist.barrier()
+    if dist.get_rank() == 0 and not cfg.get("bf16"):  # DS's zero_to_fp32 cannot read BF16_Optimizer files
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        recovered = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag="k")
+        facts["zero_to_fp32_equal"] = all(torch.equal(recovered[n].float(), at_k[n])
+                                          for n in at_k if n in recovered)
+        facts["zero_to_fp32_names"] = sorted(set(at_k) - set(recovered))
+    return facts
+
+
+def unsupported_case(cfg):
+    config = json_config(cfg, "StratOpt")
+    config["zero_optimization"].update(cfg.get("zero_extra", {}))
+    if cfg["stage"] == 0:  # DeepSpeed itself refuses bf16 with fp32 accumulation at stage 0
+        config.pop("data_types", None)
+        config.pop("communication_data_type", None)
+    try:
+        stratopt_ds.deepspeed.initialize(model=make_model(), config=config)
+    except ValueError as err:
+        return {"error": f"{type(err).__name__}: {err}"}
+    return {"error": None}
+
+
+def paths(world: int):
+    return ["paths"]
+
+
+def run_paths(out_dir):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results = []
+    cases = [("json_ours", dict(stage=2, offload=False, gas=1, opt="stratopt", type="StratOpt")),
+             ("json_ours", dict(stage=3, offload=True, gas=2, opt="la-sqrt-b1depth-cliplayer",
+                                type="la-sqrt-b1depth-cliplayer", granularity="block")),
+             ("torch_alias", dict(stage=3, offload=False, gas=1, opt="la-sqrt-b1depth-cliplayer",
+                                  type="LASqrtB1DepthClipLayer", plain=True)),
+             ("torch_alias", dict(stage=1, offload=True, gas=2, opt="stratopt", type="StratOpt", plain=True))]
+    for path, cfg in cases:
+        params, facts = {"json_ours": path_json_ours, "torch_alias": path_torch_alias}[path](cfg)
+        if rank == 0:
+            ref, _ = reference_run(cfg, world)
+            results.append(dict(case=path, cfg=cfg, rel_err=max_rel_err(params, ref), **facts))
+        dist.barrier()
+    for cfg in (dict(stage=2, offload=False, gas=1, opt="stratopt"),
+                dict(stage=3, offload=True, gas=2, opt="stratopt"),
+                dict(stage=1, offload=False, gas=1, opt="stratopt", bf16=True)):
+        facts = checkpoint_case(cfg, os.path.join(out_dir, f"ckpt-{cfg['stage']}-{int(cfg['offload'])}"))
+        if rank == 0:
+            results.append(dict(case="checkpoint", cfg=cfg, **facts))
+    for cfg in (dict(stage=2, offload=False, gas=1, opt="stratopt", zero_extra={"round_robin_gradients": True}),
+                dict(stage=0, offload=False, gas=1, opt="stratopt", bf16=True)):
+        facts = unsupported_case(cfg)
+        if rank == 0:
+            results.append(dict(case="unsupported", cfg=cfg, **facts))
+        dist.barrier()
+    return results
+
+
+def bf16(world: int):
+    return [c for c in matrix(world) if c.get("bf16")]
+
+
+SUITES = {"matrix": matrix, "no_reduce": no_reduce, "bf16": bf16, "paths": paths}
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--suite", choices=["matrix", "no_reduce"], required=True)
+    parser.add_argument("--suite", choices=list(SUITES), required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
     deepspeed.init_distributed(dist_backend="gloo")
     world, rank = dist.get_world_size(), dist.get_rank()
     results = []
-    for cfg in {"matrix": matrix, "no_reduce": no_reduce}[args.suite](world):
-        params, norms, same, calls, kind, _ = ds_run(cfg)
+    if args.suite == "paths":
+        results = run_paths(os.path.dirname(os.path.abspath(args.out)))
+    for cfg in ([] if args.suite == "paths" else SUITES[args.suite](world)):
+        params, norms, same, calls, kind, layout = ds_run(cfg)
         if rank == 0:
             ref_params, ref_norms = reference_run(cfg, world)
-            results.append(dict(cfg=cfg, world=world, kind=kind,
+            results.append(dict(cfg=cfg, world=world, kind=kind, **layout,
                                 rel_err=max_rel_err(params, ref_params),
                                 norm_rel_err=float(((norms - ref_norms).abs() / ref_norms.abs().clamp_min(1e-30)).max()),
                                 norms_same_on_ranks=same, allreduce_calls=calls, steps=STEPS))

@@ -1,0 +1,134 @@
+"""``stratopt_ds.deepspeed.initialize``: ``deepspeed.initialize`` that understands our optimizers.
+
+Use it exactly like ``deepspeed.initialize``. When the config's ``"optimizer"`` names one of
+:func:`stratopt_ds.available_optimizers` (``"stratopt"``) or one of our class names
+(``"StratOpt"``), it
+
+* builds the optimizer itself from the model's *named* parameters (decay / no-decay groups,
+  layer ids and block depths from the names), with ``"params"`` as hyperparameters;
+* sets what DeepSpeed needs for a client optimizer under ZeRO: ``zero_allow_untested_optimizer``
+  and, with optimizer offload, ``zero_force_ds_cpu_optimizer: false`` (otherwise DeepSpeed
+  would refuse it, and accelerate would silently swap in DeepSpeedCPUAdam);
+* makes gradient clipping explicit. DeepSpeed clips the global norm to 1.0 when the config says
+  nothing. If our optimizer clips itself (``clip`` is not ``"none"``) and the config does not set
+  ``gradient_clipping``, the engine's clipping is turned off and the user is told; if the config
+  sets both, both are honoured, with one warning naming both settings;
+* binds the optimizer to the ZeRO wrapper, so per-layer norms are exact across partitions.
+
+Any other config is passed to ``deepspeed.initialize`` unchanged, and an optimizer instance or
+callable of ours given to plain ``deepspeed.initialize`` binds itself at its first step.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import warnings
+from typing import Any, Optional
+
+from .optim import OPTIMIZER_CLASSES, available_optimizers, create_optimizer, preset_defaults
+from .optim.optimizer import LayerwiseAdam
+
+logger = logging.getLogger(__name__)
+
+DEEPSPEED_DEFAULT_CLIPPING = 1.0  # deepspeed.runtime.constants.GRADIENT_CLIPPING_DEFAULT
+_OUR_PREFIXES = ("stratopt", "la-", "la_", "layerwise")  # a typo of ours, not a DeepSpeed name
+
+
+def resolve_optimizer_name(type_name: str) -> Optional[str]:
+    """'stratopt' or 'StratOpt' -> 'stratopt'; None when it is not one of ours."""
+    if type_name in OPTIMIZER_CLASSES:
+        return type_name
+    for name, cls in OPTIMIZER_CLASSES.items():
+        if cls.__name__ == type_name:
+            return name
+    return None
+
+
+def load_config(config: Any, args: Any = None) -> dict:
+    """A DeepSpeed config as a fresh dict, from a dict, a JSON path, or ``args.deepspeed_config``."""
+    if config is None and args is not None:
+        config = getattr(args, "deepspeed_config", None)
+    if config is None:
+        raise ValueError("no DeepSpeed config: pass config=<dict or path> or args.deepspeed_config")
+    if isinstance(config, dict):
+        return copy.deepcopy(config)
+    try:
+        with open(config) as fh:
+            return json.load(fh)
+    except OSError as err:
+        raise ValueError(f"cannot read DeepSpeed config {config!r}: {err.strerror}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"DeepSpeed config {config!r} is not valid JSON: {err}") from None
+
+
+def offloads_optimizer(config: dict) -> bool:
+    zero = config.get("zero_optimization") or {}
+    device = (zero.get("offload_optimizer") or {}).get("device", "none")
+    return zero.get("stage", 0) > 0 and device not in (None, "none")
+
+
+def prepare_config(config: dict, optimizer_clips: bool) -> dict:
+    """Set the flags a client optimizer needs and make gradient clipping explicit (in place)."""
+    if config.get("zero_optimization", {}).get("stage", 0) > 0:
+        config["zero_allow_untested_optimizer"] = True
+        if offloads_optimizer(config):
+            if config.get("zero_force_ds_cpu_optimizer") is True:
+                raise ValueError("zero_force_ds_cpu_optimizer=true would replace the stratopt_ds optimizer "
+                                 "by DeepSpeedCPUAdam under offload; remove it or set it to false")
+            config["zero_force_ds_cpu_optimizer"] = False
+    engine_clip = config.get("gradient_clipping")
+    if engine_clip is None:
+        config["gradient_clipping"] = 0.0 if optimizer_clips else DEEPSPEED_DEFAULT_CLIPPING
+        if optimizer_clips:
+            logger.warning("stratopt_ds: the optimizer clips its own gradients, so DeepSpeed's default "
+                           "gradient_clipping=1.0 is turned off (set gradient_clipping to keep both)")
+    elif engine_clip > 0 and optimizer_clips:
+        warnings.warn(f"both gradient_clipping={engine_clip} (DeepSpeed, global, applied first) and the "
+                      "optimizer's clip setting are active; both are honoured", stacklevel=3)
+    return config
+
+
+def _optimizer_clips(optimizer: Any) -> bool:
+    return isinstance(optimizer, LayerwiseAdam) and optimizer.layer_options["clip"] != "none"
+
+
+def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None,
+               lr_scheduler=None, config=None, **kwargs):
+    """Drop-in for ``deepspeed.initialize``; returns ``(engine, optimizer, dataloader, scheduler)``."""
+    import deepspeed
+
+    config = load_config(config if config is not None else kwargs.pop("config_params", None), args)
+    section = config.get("optimizer") or {}
+    type_name = str(section.get("type", ""))
+    name = resolve_optimizer_name(type_name) if optimizer is None else None
+    if optimizer is None and name is None and type_name.lower().startswith(_OUR_PREFIXES):
+        raise ValueError(f"unknown optimizer type {type_name!r} in the DeepSpeed config; available: "
+                         f"{', '.join(available_optimizers())}")
+    if name is not None:
+        if model is None:
+            raise ValueError("the config names a stratopt_ds optimizer: pass model= so its named "
+                             "parameter groups can be built")
+        params = dict(section.get("params") or {})
+        if model_parameters is not None:
+            optimizer = create_optimizer(name, model_parameters, **params)
+        else:
+            optimizer = create_optimizer(name, model, **params)
+        del config["optimizer"]
+        model_parameters = None
+    if isinstance(optimizer, LayerwiseAdam) or name is not None:
+        prepare_config(config, _optimizer_clips(optimizer))
+    if args is not None and getattr(args, "deepspeed_config", None) is not None:
+        args = copy.copy(args)
+        args.deepspeed_config = None  # the prepared dict is the config now
+    engine, ds_optimizer, loader, scheduler = deepspeed.initialize(
+        args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
+        training_data=training_data, lr_scheduler=lr_scheduler, config=config, **kwargs)
+    inner = getattr(engine, "basic_optimizer", None)
+    if isinstance(inner, LayerwiseAdam) and ds_optimizer is not inner:
+        from .zero import attach
+        attach(inner, ds_optimizer)
+    return engine, ds_optimizer, loader, scheduler
+
+
+__all__ = ["initialize", "load_config", "prepare_config", "resolve_optimizer_name", "preset_defaults"]

@@ -1,0 +1,149 @@
+"""The one seam between the optimizer and its elementwise maths.
+
+:func:`fragment_sumsq` and :func:`fragment_update` pick, per call and by the device of the
+tensors, the native CPU kernel, the native CUDA kernel or the PyTorch reference
+(:mod:`stratopt_ds.ops.reference`); all three take the same arguments.
+
+Backend choice: ``STRATOPT_OPS=auto`` (default) uses the native op when it loads and falls
+back to the reference with exactly one warning per process; ``native`` raises if the op for a
+device cannot be loaded; ``reference`` never loads native code. :func:`use_backend` overrides
+the environment (a context manager, for tests and benchmarks).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import warnings
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from . import builder, reference
+
+BACKENDS = ("auto", "native", "reference")
+_override: Optional[str] = None
+_warned = False
+_warn_lock = threading.Lock()
+_NATIVE_GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def backend_setting() -> str:
+    """The requested backend: :func:`use_backend` if active, else ``$STRATOPT_OPS``, else auto."""
+    mode = _override or os.environ.get("STRATOPT_OPS", "auto").strip().lower() or "auto"
+    if mode not in BACKENDS:
+        raise ValueError(f"STRATOPT_OPS={mode!r}: expected one of {', '.join(BACKENDS)}")
+    return mode
+
+
+@contextlib.contextmanager
+def use_backend(mode: str) -> Iterator[None]:
+    """Force ``auto``, ``native`` or ``reference`` inside a ``with`` block."""
+    global _override
+    if mode not in BACKENDS:
+        raise ValueError(f"backend {mode!r}: expected one of {', '.join(BACKENDS)}")
+    previous, _override = _override, mode
+    try:
+        yield
+    finally:
+        _override = previous
+
+
+def _kind(device: torch.device) -> Optional[str]:
+    return {"cpu": "cpu", "cuda": "cuda"}.get(device.type)
+
+
+def _warn_once(message: str) -> None:
+    global _warned
+    with _warn_lock:
+        if _warned:
+            return
+        _warned = True
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def native_module(device: torch.device, supported: bool = True):
+    """The native module for ``device`` under the current backend setting, or None (reference)."""
+    mode = backend_setting()
+    if mode == "reference":
+        return None
+    kind = _kind(device)
+    if kind is None or not supported:
+        if mode == "native":
+            raise RuntimeError(f"STRATOPT_OPS=native: no native StratOpt op for these tensors "
+                               f"(device {device}{'' if supported else ', unsupported dtype'})")
+        return None
+    module = builder.load(kind)
+    if module is None:
+        why = builder.why_unavailable(kind)
+        if mode == "native":
+            raise RuntimeError(f"STRATOPT_OPS=native but the {kind} op is unavailable: {why}")
+        _warn_once(f"stratopt_ds: native {kind} op unavailable ({why}); using the PyTorch "
+                   f"reference (slower). Set STRATOPT_OPS=reference to silence this warning.")
+    return module
+
+
+_frag_cache: dict[tuple, torch.Tensor] = {}
+
+
+def frag_table(frags: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
+    """Rows (tensor, start, length, layer) as a cached int64 (F, 4) tensor on ``device``."""
+    if isinstance(frags, torch.Tensor):
+        return frags.to(device=device, dtype=torch.int64).contiguous()
+    key = (str(device), tuple(tuple(int(x) for x in r) for r in frags))
+    table = _frag_cache.get(key)
+    if table is None:
+        table = torch.tensor(key[1], dtype=torch.int64).reshape(-1, 4).to(device)
+        if len(_frag_cache) > 256:
+            _frag_cache.clear()
+        _frag_cache[key] = table
+    return table
+
+
+def fragment_sumsq(grads: Sequence[torch.Tensor], frags: Sequence[Sequence[int]], num_layers: int,
+                   device: Optional[torch.device] = None) -> torch.Tensor:
+    """Per-layer float64 sums of squares of the fragments of ``grads``, on ``device``."""
+    grads = list(grads)
+    if device is None:
+        device = grads[0].device if grads else torch.device("cpu")
+    if not grads:
+        return torch.zeros(num_layers, dtype=torch.float64, device=device)
+    at = grads[0].device
+    supported = all(g.device == at and g.dtype in _NATIVE_GRAD_DTYPES for g in grads)
+    module = native_module(at, supported)
+    if module is None:
+        return reference.fragment_sumsq(grads, frags, num_layers, device)
+    flats = [g.reshape(-1) for g in grads]  # a copy only for a non-contiguous gradient
+    out = module.fragment_sumsq(flats, frag_table(frags, at), num_layers)
+    return out.to(device)
+
+
+def fragment_update(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                    exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
+                    exp_avg_slows: Optional[Sequence[torch.Tensor]], steps: Sequence[torch.Tensor],
+                    frags: Sequence[Sequence[int]], finite: torch.Tensor, clip_coef: torch.Tensor,
+                    alpha: torch.Tensor, beta1_layer: Optional[torch.Tensor], *, lr: float,
+                    beta1: float, beta2: float, eps: float, weight_decay: float, beta3: float,
+                    mix_alpha: float, t_alpha: int, t_beta3: int,
+                    bf16_out: Optional[Sequence[Optional[torch.Tensor]]] = None) -> None:
+    """The fused update (arguments: :func:`stratopt_ds.ops.reference.fragment_update`)."""
+    params = list(params)
+    if not params:
+        return
+    kw = dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
+              weight_decay=float(weight_decay), beta3=float(beta3), mix_alpha=float(mix_alpha),
+              t_alpha=int(t_alpha), t_beta3=int(t_beta3))
+    at = params[0].device
+    supported = all(p.device == at and p.dtype == torch.float32 for p in params) and all(
+        g.device == at and g.dtype in _NATIVE_GRAD_DTYPES for g in grads)
+    module = native_module(at, supported)
+    if module is None:
+        reference.fragment_update(params, grads, exp_avgs, exp_avg_sqs, exp_avg_slows, steps, frags,
+                                  finite, clip_coef, alpha, beta1_layer, bf16_out=bf16_out, **kw)
+        return
+    small = lambda x: None if x is None else x.to(at)  # noqa: E731  (no copy when already there)
+    module.fragment_update(
+        params, [g.reshape(-1) for g in grads], list(exp_avgs), list(exp_avg_sqs),
+        list(exp_avg_slows) if exp_avg_slows is not None else [], list(steps),
+        frag_table(frags, at), small(finite), small(clip_coef), small(alpha), small(beta1_layer),
+        bf16_out=list(bf16_out) if bf16_out is not None else [], **kw)

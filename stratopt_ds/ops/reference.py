@@ -1,0 +1,104 @@
+"""The PyTorch reference of the native ops: the one readable statement of the elementwise maths.
+
+Both functions take the same arguments as the native kernels (``csrc/cpu``, ``csrc/cuda``) and
+the dispatcher (:mod:`stratopt_ds.ops.dispatch`); the kernels must agree with them to fp32
+rounding (the kernels round sqrt correctly; torch's CPU sqrt may differ by an ulp). ``frags`` lists fragments as rows
+``(tensor index, start, length, layer)`` into the flattened tensors of the call.
+
+The update of one fragment of layer ``l`` at step ``t = max(step, 1)`` (the caller has already
+added ``keep = float(finite)`` to ``step``)::
+
+    g  = where(finite, grad * clip_coef_l, 0)
+    m1 = lerp(m1, g,   (1-b1_l)*keep);   v = lerp(v, g*g, (1-b2)*keep)
+    m2 = lerp(m2, g,   (1-b3(t))*keep)                       (only if mix_alpha > 0)
+    u  = (m1/(1-b1_l^t) + a(t)*m2) / (sqrt(v/(1-b2^t)) + eps)
+    theta = theta*(1 - lr*keep*wd) - lr*keep*alpha_l*u
+
+A non-finite step (``finite`` False) therefore leaves weights and moments bit-identical.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from ..optim.schedules import beta3_at, mix_alpha_at
+
+FragRows = Sequence[Sequence[int]]  # rows (tensor, start, length, layer)
+
+
+def _rows(frags) -> list[tuple[int, int, int, int]]:
+    if isinstance(frags, torch.Tensor):
+        return [tuple(r) for r in frags.tolist()]
+    return [tuple(r) for r in frags]
+
+
+def fragment_sumsq(grads: Sequence[torch.Tensor], frags: FragRows, num_layers: int,
+                   device: Optional[torch.device] = None) -> torch.Tensor:
+    """Per-layer sums of squares of the fragments, as a float64 vector of length ``num_layers``.
+
+    Each fragment is summed in float64; fragment sums are added per layer with ``index_add_``.
+    Layers without a fragment stay 0.
+    """
+    if device is None:
+        device = grads[0].device if len(grads) else torch.device("cpu")
+    flats = [g.reshape(-1) for g in grads]
+    sums, ids = [], []
+    for tensor, start, length, layer in _rows(frags):
+        piece = flats[tensor].narrow(0, start, length).to(torch.float64)
+        sums.append(torch.dot(piece, piece))
+        ids.append(layer)
+    layer_sq = torch.zeros(num_layers, dtype=torch.float64, device=device)
+    if sums:
+        index = torch.tensor(ids, dtype=torch.long, device=device)
+        layer_sq.index_add_(0, index, torch.stack(sums).to(device))
+    return layer_sq
+
+
+def fragment_update(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                    exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
+                    exp_avg_slows: Optional[Sequence[torch.Tensor]], steps: Sequence[torch.Tensor],
+                    frags: FragRows, finite: torch.Tensor, clip_coef: torch.Tensor,
+                    alpha: torch.Tensor, beta1_layer: Optional[torch.Tensor], *, lr: float,
+                    beta1: float, beta2: float, eps: float, weight_decay: float, beta3: float,
+                    mix_alpha: float, t_alpha: int, t_beta3: int,
+                    bf16_out: Optional[Sequence[Optional[torch.Tensor]]] = None) -> None:
+    """The fused update, in place on flat float32 ``params`` and states (see the module doc).
+
+    ``steps`` are the per-tensor float64 step counters, already incremented; ``clip_coef``,
+    ``alpha`` and ``beta1_layer`` (None: ``beta1`` for every layer) are float64 per-layer
+    vectors; ``bf16_out[i]``, when given, receives ``params[i]`` rounded to bfloat16.
+    """
+    keep = finite.to(torch.float64)  # 1: apply the step, 0: leave everything as it is
+    coef, alph = clip_coef.unbind(0), alpha.unbind(0)
+    beta1_of_layer = beta1_layer.unbind(0) if beta1_layer is not None else None
+    rows = _rows(frags)
+    by_tensor: dict[int, list[tuple[int, int, int]]] = {}
+    for tensor, start, length, layer in rows:
+        by_tensor.setdefault(tensor, []).append((start, length, layer))
+    for i, param in enumerate(params):
+        t = torch.clamp(steps[i], min=1.0)  # a skipped first step must not divide by 0
+        lr_k = lr * keep
+        a_t = mix_alpha_at(t, mix_alpha, t_alpha) if mix_alpha > 0 else None
+        device = param.device
+        flat = {"param": param.view(-1), "grad": grads[i].reshape(-1), "m1": exp_avgs[i].view(-1),
+                "v": exp_avg_sqs[i].view(-1)}
+        if a_t is not None:
+            flat["m2"] = exp_avg_slows[i].view(-1)
+        for start, length, layer in by_tensor.get(i, ()):
+            view = {k: x.narrow(0, start, length) for k, x in flat.items()}
+            b1 = beta1_of_layer[layer] if beta1_of_layer is not None else torch.as_tensor(
+                beta1, dtype=torch.float64, device=device)
+            g = torch.where(finite, view["grad"].float() * coef[layer], 0.0)
+            view["m1"].lerp_(g, (1.0 - b1) * keep)
+            view["v"].lerp_(g * g, (1.0 - beta2) * keep)
+            numer = view["m1"] / (1.0 - b1 ** t)
+            if a_t is not None:
+                b3 = beta3_at(t, b1, beta3, t_beta3)
+                view["m2"].lerp_(g, (1.0 - b3) * keep)
+                numer = numer + a_t * view["m2"]
+            denom = torch.sqrt(view["v"] / (1.0 - beta2 ** t)) + eps
+            view["param"].mul_(1.0 - lr_k * weight_decay)
+            view["param"].add_(numer / denom * (-lr_k * alph[layer]))
+        if bf16_out is not None and bf16_out[i] is not None:
+            bf16_out[i].view(-1).copy_(flat["param"])

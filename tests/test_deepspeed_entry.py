@@ -1,0 +1,69 @@
+"""stratopt_ds.deepspeed: config preparation and errors (in-process; the launches are in test_zero)."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from stratopt_ds.deepspeed import initialize, load_config, prepare_config, resolve_optimizer_name
+
+
+def _zero(stage=2, offload=False, **extra):
+    zero = {"stage": stage}
+    if offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {"zero_optimization": zero, **extra}
+
+
+def test_names_and_class_names_resolve():
+    assert resolve_optimizer_name("stratopt") == "stratopt"
+    assert resolve_optimizer_name("StratOpt") == "stratopt"
+    assert resolve_optimizer_name("LASqrtB1DepthClipLayer") == "la-sqrt-b1depth-cliplayer"
+    assert resolve_optimizer_name("AdamW") is None  # DeepSpeed's own names pass through
+
+
+def test_self_clipping_optimizer_turns_engine_clipping_off_and_says_so(caplog):
+    with caplog.at_level(logging.WARNING):
+        cfg = prepare_config(_zero(), optimizer_clips=True)
+    assert cfg["gradient_clipping"] == 0.0
+    assert "gradient_clipping" in caplog.text
+    assert cfg["zero_allow_untested_optimizer"] is True
+
+
+def test_non_clipping_optimizer_keeps_deepspeed_default_explicitly():
+    assert prepare_config(_zero(), optimizer_clips=False)["gradient_clipping"] == 1.0
+
+
+def test_both_clippings_are_honoured_with_one_warning():
+    with pytest.warns(UserWarning, match="gradient_clipping=0.5.*clip") as record:
+        cfg = prepare_config(_zero(gradient_clipping=0.5), optimizer_clips=True)
+    assert cfg["gradient_clipping"] == 0.5 and len(record) == 1
+
+
+def test_offload_keeps_our_optimizer():
+    assert prepare_config(_zero(offload=True), True)["zero_force_ds_cpu_optimizer"] is False
+    with pytest.raises(ValueError, match="zero_force_ds_cpu_optimizer=true"):
+        prepare_config(_zero(offload=True, zero_force_ds_cpu_optimizer=True), True)
+
+
+def test_config_errors_name_the_file(tmp_path):
+    with pytest.raises(ValueError, match="cannot read DeepSpeed config .*nope.json"):
+        load_config(str(tmp_path / "nope.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json.*not valid JSON"):
+        load_config(str(bad))
+    with pytest.raises(ValueError, match="no DeepSpeed config"):
+        load_config(None)
+
+
+def test_unknown_stratopt_type_fails_before_deepspeed_starts():
+    with pytest.raises(ValueError, match="unknown optimizer type 'stratopt-fast'.*la-sqrt"):
+        initialize(model=object(), config={"optimizer": {"type": "stratopt-fast"}})
+
+
+def test_bad_hyperparameter_in_json_is_named():
+    import torch
+    with pytest.raises(ValueError, match="clip_tau=-1"):
+        initialize(model=torch.nn.Linear(2, 2),
+                   config={"optimizer": {"type": "StratOpt", "params": {"clip_tau": -1}}})
