@@ -1,5 +1,31 @@
-"""stratopt-ds. `pip install -e .` needs no compiler; native ops come with STRATOPT_BUILD_OPS=1."""
+"""stratopt-ds. `pip install -e .` needs no compiler; native ops come with STRATOPT_BUILD_OPS=1.
+
+``STRATOPT_BUILD_OPS=1 pip install --no-build-isolation -e .`` prebuilds the CPU op
+(``stratopt_ds.ops._stratopt_cpu``) and, when torch has CUDA and nvcc is found, the CUDA op
+(``stratopt_ds.ops._stratopt_cuda``). Without it the ops are JIT-built at first use
+(``python -m stratopt_ds.ops`` shows the state).
+"""
+import os
+import shutil
+
 from setuptools import find_packages, setup
+
+kwargs = {}
+if os.environ.get("STRATOPT_BUILD_OPS", "0") == "1":
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    cpu_flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
+    ext = [CppExtension("stratopt_ds.ops._stratopt_cpu", ["csrc/cpu/stratopt_cpu.cpp"],
+                        include_dirs=["csrc/cpu"], extra_compile_args=cpu_flags,
+                        extra_link_args=["-fopenmp"])]
+    if torch.version.cuda is not None and (CUDA_HOME is not None or shutil.which("nvcc")):
+        ext.append(CUDAExtension(
+            "stratopt_ds.ops._stratopt_cuda",
+            ["csrc/cuda/stratopt_cuda_binding.cpp", "csrc/cuda/stratopt_cuda.cu"],
+            include_dirs=["csrc/cuda"],
+            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--fmad=false", "-lineinfo"]}))
+    kwargs = dict(ext_modules=ext, cmdclass={"build_ext": BuildExtension})
 
 setup(
     name="stratopt-ds",
@@ -14,4 +40,5 @@ setup(
         "test": ["pytest"],
     },
     entry_points={"console_scripts": ["stratopt-train=stratopt_ds.train:main"]},
+    **kwargs,
 )

@@ -100,6 +100,59 @@ def frag_table(frags: Sequence[Sequence[int]], device: torch.device) -> torch.Te
     return table
 
 
+def _uniform_grad_type(grads: Sequence[torch.Tensor]) -> Optional[int]:
+    """0/1/2 for float32/bfloat16/float16 gradients of one dtype; None (use the reference) else."""
+    dtypes = {g.dtype for g in grads}
+    if len(dtypes) != 1 or not all(g.is_contiguous() for g in grads):
+        return None
+    return {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}.get(dtypes.pop())
+
+
+_cuda_cache: dict[tuple, object] = {}
+
+
+def _cached(key: tuple, build):
+    value = _cuda_cache.get(key)
+    if value is None:
+        if len(_cuda_cache) > 512:
+            _cuda_cache.clear()
+        value = _cuda_cache[key] = build()
+    return value
+
+
+def _to_device(rows, device: torch.device) -> torch.Tensor:
+    host = torch.tensor(rows, dtype=torch.int64)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def _cuda_chunks(frags, num_layers: int, chunk: int, device: torch.device):
+    """Fragments cut into chunks of <= ``chunk`` elements (one CUDA block each), and the per-layer
+    chunk lists (CSR, chunks in table order) of the deterministic finalize; built once, cached."""
+    rows = tuple(tuple(int(x) for x in r) for r in (frags.tolist() if isinstance(frags, torch.Tensor) else frags))
+
+    def build():
+        chunks, per_layer = [], [[] for _ in range(num_layers)]
+        for tensor, start, length, layer in rows:
+            for off in range(0, length, chunk):
+                per_layer[layer].append(len(chunks))
+                chunks.append((tensor, start + off, min(chunk, length - off), layer))
+        layer_ptr = [0]
+        for ids in per_layer:
+            layer_ptr.append(layer_ptr[-1] + len(ids))
+        flat_ids = [i for ids in per_layer for i in ids] or [0]
+        return (_to_device(chunks or [[0, 0, 0, 0]], device)[: len(chunks)],
+                _to_device(layer_ptr, device), _to_device(flat_ids, device))
+
+    return _cached(("chunks", str(device), num_layers, chunk, rows), build)
+
+
+def _cuda_ptrs(rows, device: torch.device) -> torch.Tensor:
+    """The (n, 7) device pointer table; cached by the addresses, so steady-state steps (and
+    CUDA-graph capture after a warm-up step) make no host-to-device copy."""
+    key = ("ptrs", str(device), tuple(tuple(r) for r in rows))
+    return _cached(key, lambda: _to_device(rows, device))
+
+
 def fragment_sumsq(grads: Sequence[torch.Tensor], frags: Sequence[Sequence[int]], num_layers: int,
                    device: Optional[torch.device] = None) -> torch.Tensor:
     """Per-layer float64 sums of squares of the fragments of ``grads``, on ``device``."""
@@ -114,6 +167,13 @@ def fragment_sumsq(grads: Sequence[torch.Tensor], frags: Sequence[Sequence[int]]
     if module is None:
         return reference.fragment_sumsq(grads, frags, num_layers, device)
     flats = [g.reshape(-1) for g in grads]  # a copy only for a non-contiguous gradient
+    if at.type == "cuda":
+        gtype = _uniform_grad_type(flats)
+        if gtype is None:
+            return reference.fragment_sumsq(grads, frags, num_layers, device)
+        chunks, layer_ptr, layer_chunks = _cuda_chunks(frags, num_layers, module.CHUNK, at)
+        ptrs = _cuda_ptrs([[0, g.data_ptr(), 0, 0, 0, 0, 0] for g in flats], at)
+        return module.sumsq(ptrs, gtype, chunks, layer_ptr, layer_chunks, num_layers).to(device)
     out = module.fragment_sumsq(flats, frag_table(frags, at), num_layers)
     return out.to(device)
 
@@ -138,6 +198,23 @@ def fragment_update(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor
         g.device == at and g.dtype in _NATIVE_GRAD_DTYPES for g in grads)
     module = native_module(at, supported)
     if module is None:
+        reference.fragment_update(params, grads, exp_avgs, exp_avg_sqs, exp_avg_slows, steps, frags,
+                                  finite, clip_coef, alpha, beta1_layer, bf16_out=bf16_out, **kw)
+        return
+    if at.type == "cuda":
+        flats = [g.reshape(-1) for g in grads]
+        gtype = _uniform_grad_type(flats)
+        if gtype is not None:
+            outs = list(bf16_out) if bf16_out is not None else [None] * len(params)
+            slows = list(exp_avg_slows) if exp_avg_slows is not None else [None] * len(params)
+            rows = [[p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(),
+                     m2.data_ptr() if m2 is not None else 0, o.data_ptr() if o is not None else 0,
+                     st.data_ptr()]
+                    for p, g, m, v, m2, o, st in zip(params, flats, exp_avgs, exp_avg_sqs, slows, outs, steps)]
+            chunks, _, _ = _cuda_chunks(frags, clip_coef.numel(), module.CHUNK, at)
+            module.update(_cuda_ptrs(rows, at), gtype, chunks, finite, clip_coef, alpha, beta1_layer,
+                          has_m2=kw["mix_alpha"] > 0, has_out=any(o is not None for o in outs), **kw)
+            return
         reference.fragment_update(params, grads, exp_avgs, exp_avg_sqs, exp_avg_slows, steps, frags,
                                   finite, clip_coef, alpha, beta1_layer, bf16_out=bf16_out, **kw)
         return

@@ -100,7 +100,9 @@ class LayerwiseAdam(Optimizer):
         devices = {p.device for p in params}
         if len(devices) > 1:
             raise ValueError(f"all parameters must be on one device, got {sorted(map(str, devices))}")
-        layer_map = whole_tensor_map(params, self._param_names(), self.layer_options["granularity"])
+        names = self._param_names()
+        layer_map = whole_tensor_map(params, names, self.layer_options["granularity"])
+        self.param_name = {id(p): n for p, n in zip(params, names)}  # for sharded checkpoints
         device = params[0].device if params else torch.device("cpu")
         self.base_layer_map = self.layer_map = layer_map
         self._init_layer_stats(device)
@@ -174,7 +176,8 @@ class LayerwiseAdam(Optimizer):
         self._update(stepped, self.last_step)
         return loss
 
-    def _state_of(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The state of ``p``, created (zeros, step 0) if it has none yet."""
         state = self.state[p]
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float64, device=p.device)
@@ -196,7 +199,7 @@ class LayerwiseAdam(Optimizer):
         for group, p in stepped:
             groups.setdefault(id(group), (group, []))[1].append(p)
         for group, ps in groups.values():
-            states = [self._state_of(p, group) for p in ps]
+            states = [self.init_state(p, group) for p in ps]
             steps = [state["step"] for state in states]
             torch._foreach_add_(steps, keep)
             p32s = [p if p.dtype == torch.float32 else p.float() for p in ps]

@@ -43,18 +43,22 @@ class Slot:
     flat: torch.Tensor
     fragments: list[Fragment]
     pending_grad: Callable[[], Optional[Sequence[torch.Tensor]]]  # pieces concatenating to the layout
+    sources: list[tuple[torch.Tensor, int]]  # per fragment: the parameter and the offset inside it
+    group_index: int                         # the inner optimizer's param group it steps with
 
 
 def fragments_of_contiguous(params: Sequence[torch.Tensor], layer_of: Callable[[torch.Tensor], int],
-                            part_start: int, part_len: int) -> list[Fragment]:
-    """Fragments of a partition ``[part_start, part_start+part_len)`` of params laid end to end."""
-    frags, cursor, part_end = [], 0, part_start + part_len
+                            part_start: int, part_len: int):
+    """Fragments of a partition ``[part_start, part_start+part_len)`` of params laid end to end,
+    and for each the parameter and the offset inside it where the fragment starts."""
+    frags, sources, cursor, part_end = [], [], 0, part_start + part_len
     for p in params:
         lo, hi = max(cursor, part_start), min(cursor + p.numel(), part_end)
         if hi > lo:
             frags.append(Fragment(lo - part_start, hi - lo, layer_of(p)))
+            sources.append((p, lo - cursor))
         cursor += p.numel()
-    return frags
+    return frags, sources
 
 
 def _rank(group) -> int:
@@ -83,7 +87,8 @@ def stage12_slots(zo, layer_of) -> list[Slot]:
             flat_partition = getattr(grads, "flat_partition", None)
             return [flat_partition.view(-1)] if flat_partition is not None else list(grads)
 
-        slots.append(Slot(flat, fragments_of_contiguous(params, layer_of, rank * size, size), pending))
+        frags, sources = fragments_of_contiguous(params, layer_of, rank * size, size)
+        slots.append(Slot(flat, frags, pending, sources, i))
     return slots
 
 
@@ -94,13 +99,14 @@ def stage3_slots(zo, layer_of) -> list[Slot]:
     slots = []
     for j, params in enumerate(zo.fp16_groups):
         flat = zo.fp32_partitioned_groups_flat[j]
-        frags = []
+        frags, sources = [], []
         for p in params:
             _, offset, n = zo.grad_position[zo.get_param_id(p)]
             rank = _rank(getattr(p, "ds_process_group", None) or zo.dp_process_group)
             valid = min(n, max(0, p.ds_numel - rank * n))
             if valid > 0:
                 frags.append(Fragment(int(offset), int(valid), layer_of(p)))
+                sources.append((p, rank * n))
 
         def pending(j=j, flat=flat):
             if zo.offload_optimizer:
@@ -108,7 +114,7 @@ def stage3_slots(zo, layer_of) -> list[Slot]:
             grads = zo.averaged_gradients[j] if j < len(zo.averaged_gradients) else None
             return None if grads is None else list(grads)
 
-        slots.append(Slot(flat, frags, pending))
+        slots.append(Slot(flat, frags, pending, sources, int(zo.sub_group_to_group_id[j])))
     return slots
 
 
@@ -120,8 +126,9 @@ def bf16_optimizer_slots(bo, layer_of) -> list[Slot]:
         group = groups[i] if groups is not None else bo.dp_process_group
         rank = _rank(group)
         size = flat.numel()
-        slots.append(Slot(flat, fragments_of_contiguous(params, layer_of, rank * size, size),
-                          lambda: None))  # it steps every group in one call: nothing pending
+        frags, sources = fragments_of_contiguous(params, layer_of, rank * size, size)
+        # it steps every group in one call: nothing is ever pending
+        slots.append(Slot(flat, frags, lambda: None, sources, i))
     return slots
 
 

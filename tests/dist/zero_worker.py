@@ -314,6 +314,42 @@ def run_paths(out_dir):
     return results
 
 
+RESHARD_K = 8
+RESHARD = {  # case -> (save world, save stage/offload, load world, load stage/offload)
+    "s2_2to3": (2, dict(stage=2, offload=False), 3, dict(stage=2, offload=False)),
+    "s1_2to_s3_3": (2, dict(stage=1, offload=False), 3, dict(stage=3, offload=False)),
+    "s3off_4to2": (4, dict(stage=3, offload=True), 2, dict(stage=3, offload=True)),
+}
+
+
+def reshard_cfg(zero):
+    return dict(zero, gas=1, opt="stratopt", type="StratOpt")
+
+
+def run_reshard(phase, ckpt_root):
+    from stratopt_ds.zero.checkpoint import load_sharded, save_sharded
+    world, rank = dist.get_world_size(), dist.get_rank()
+    results = []
+    for case, (w_save, z_save, w_load, z_load) in RESHARD.items():
+        path = os.path.join(ckpt_root, case)
+        if phase == "save" and world == w_save:
+            cfg = reshard_cfg(z_save)
+            engine, *_ = stratopt_ds.deepspeed.initialize(model=make_model(), config=json_config(cfg, "StratOpt"))
+            train_steps(engine, cfg, range(RESHARD_K))
+            save_sharded(engine, path)
+        elif phase == "load" and world == w_load:
+            cfg = reshard_cfg(z_load)
+            engine, *_ = stratopt_ds.deepspeed.initialize(model=make_model(seed=7), config=json_config(cfg, "StratOpt"))
+            load_sharded(engine, path)
+            train_steps(engine, cfg, range(RESHARD_K, STEPS))
+            params = full_fp32_params(engine)
+            if rank == 0:
+                ref, _ = reference_run(cfg, world)
+                results.append(dict(case=case, cfg=cfg, rel_err=max_rel_err(params, ref)))
+        dist.barrier()
+    return results
+
+
 def bf16(world: int):
     return [c for c in matrix(world) if c.get("bf16")]
 
@@ -323,16 +359,19 @@ SUITES = {"matrix": matrix, "no_reduce": no_reduce, "bf16": bf16, "paths": paths
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--suite", choices=list(SUITES), required=True)
+    parser.add_argument("--suite", choices=[*SUITES, "reshard_save", "reshard_load"], required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
     deepspeed.init_distributed(dist_backend="gloo")
     world, rank = dist.get_world_size(), dist.get_rank()
     results = []
+    out_dir = os.path.dirname(os.path.abspath(args.out))
     if args.suite == "paths":
-        results = run_paths(os.path.dirname(os.path.abspath(args.out)))
-    for cfg in ([] if args.suite == "paths" else SUITES[args.suite](world)):
+        results = run_paths(out_dir)
+    elif args.suite.startswith("reshard_"):
+        results = run_reshard(args.suite.split("_")[1], out_dir)
+    for cfg in (SUITES[args.suite](world) if args.suite in SUITES and args.suite != "paths" else []):
         params, norms, same, calls, kind, layout = ds_run(cfg)
         if rank == 0:
             ref_params, ref_norms = reference_run(cfg, world)

@@ -1,0 +1,132 @@
+"""World-size-independent checkpoints of a ZeRO-sharded stratopt_ds optimizer.
+
+DeepSpeed's own ``engine.save_checkpoint`` / ``load_checkpoint`` keep our whole state (the
+per-layer statistics ride in the optimizer's ``state_dict``) but only load back at the same
+data-parallel world size, and its universal-checkpoint converter knows only Adam's two moments.
+So resharding is ours: every rank writes the fragments it holds, keyed by parameter name and
+offset inside the parameter; on load every rank copies, from whichever saved fragments overlap,
+its own new fragments of the fp32 master weights and of every moment. No collective is needed
+beyond DeepSpeed's own re-broadcast of the low-precision weights.
+
+    save_sharded(engine, "ckpt/step100")   # on every rank
+    load_sharded(engine, "ckpt/step100")   # on every rank, any world size, any ZeRO stage
+"""
+from __future__ import annotations
+
+import glob
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+STATE_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_slow")
+FORMAT = "stratopt-sharded-1"
+
+
+def _binding(engine):
+    optimizer = engine.basic_optimizer
+    sharding = getattr(optimizer, "_sharding", None)
+    if sharding is None:
+        from .binding import attach
+        sharding = attach(optimizer, engine.optimizer)
+    return optimizer, sharding
+
+
+def _rank_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def save_sharded(engine, path: str) -> None:
+    """Write this rank's fragments (weights, moments) and, on rank 0, the shared scalars."""
+    optimizer, sharding = _binding(engine)
+    rank, world = _rank_world()
+    fragments = []
+    for slot in sharding.slots:
+        state = optimizer.state.get(slot.flat, {})
+        for frag, (param, offset) in zip(slot.fragments, slot.sources):
+            piece = {"name": optimizer.param_name[id(param)], "offset": offset, "length": frag.length,
+                     "param": slot.flat.detach().narrow(0, frag.start, frag.length).clone()}
+            for key in STATE_KEYS:
+                if key in state:
+                    piece[key] = state[key].narrow(0, frag.start, frag.length).clone()
+            fragments.append(piece)
+    steps = {float(optimizer.state[s.flat]["step"]) for s in sharding.slots if s.flat in optimizer.state}
+    if len(steps) > 1:
+        raise RuntimeError(f"parameter groups are at different steps {sorted(steps)}; cannot save")
+    payload: dict[str, Any] = {"format": FORMAT, "world": world, "rank": rank, "fragments": fragments,
+                               "step": steps.pop() if steps else 0.0}
+    if rank == 0:
+        payload["layer_stats"] = optimizer.layer_stats.state_dict()
+        payload["param_groups"] = [{k: v for k, v in g.items() if k not in ("params", "param_names")}
+                                   for g in optimizer.param_groups]
+        payload["global_steps"] = engine.global_steps
+        scheduler = getattr(engine, "lr_scheduler", None)
+        payload["lr_scheduler"] = scheduler.state_dict() if scheduler is not None else None
+    os.makedirs(path, exist_ok=True)
+    tmp = os.path.join(path, f".rank{rank:05d}.pt.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, os.path.join(path, f"rank{rank:05d}.pt"))  # never a half-written file
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _load_all(path: str) -> list[dict]:
+    files = sorted(glob.glob(os.path.join(path, "rank*.pt")))
+    if not files:
+        raise FileNotFoundError(f"no stratopt sharded checkpoint in {path!r} (expected rank*.pt files)")
+    parts = [torch.load(f, map_location="cpu", weights_only=False) for f in files]
+    bad = [f for f, p in zip(files, parts) if p.get("format") != FORMAT]
+    if bad or len(parts) != parts[0]["world"]:
+        raise ValueError(f"{path!r} is not a complete {FORMAT} checkpoint: {len(parts)} of "
+                         f"{parts[0].get('world')} rank files, unknown format in {bad}")
+    return parts
+
+
+def _fill(dest: torch.Tensor, name: str, offset: int, key: str, saved: dict[str, list]) -> None:
+    """Copy ``saved`` fragments of ``name`` overlapping ``[offset, offset+len(dest))`` into dest."""
+    covered = 0
+    for piece in saved.get(name, ()):
+        lo, hi = max(offset, piece["offset"]), min(offset + dest.numel(), piece["offset"] + piece["length"])
+        if hi > lo and key in piece:
+            dest.narrow(0, lo - offset, hi - lo).copy_(piece[key].narrow(0, lo - piece["offset"], hi - lo))
+            covered += hi - lo
+    if covered != dest.numel():
+        raise ValueError(f"checkpoint covers {covered} of {dest.numel()} elements of {name!r} ({key})")
+
+
+def load_sharded(engine, path: str) -> None:
+    """Load a :func:`save_sharded` checkpoint written at any world size into ``engine``."""
+    optimizer, sharding = _binding(engine)
+    parts = _load_all(path)
+    saved: dict[str, list] = {}
+    for part in parts:
+        for piece in part["fragments"]:
+            saved.setdefault(piece["name"], []).append(piece)
+    head = parts[0]
+    with torch.no_grad():
+        for slot in sharding.slots:
+            group = optimizer.param_groups[slot.group_index]
+            state = optimizer.init_state(slot.flat, group)
+            state["step"].fill_(head["step"])
+            for frag, (param, offset) in zip(slot.fragments, slot.sources):
+                name = optimizer.param_name[id(param)]
+                _fill(slot.flat.narrow(0, frag.start, frag.length), name, offset, "param", saved)
+                for key in STATE_KEYS:
+                    if key in state:
+                        _fill(state[key].narrow(0, frag.start, frag.length), name, offset, key, saved)
+    optimizer.layer_stats.load_state_dict(head["layer_stats"])
+    for group, saved_group in zip(optimizer.param_groups, head["param_groups"]):
+        group.update(saved_group)
+    engine.global_steps = head["global_steps"]
+    if head.get("lr_scheduler") is not None and getattr(engine, "lr_scheduler", None) is not None:
+        engine.lr_scheduler.load_state_dict(head["lr_scheduler"])
+    _refresh_low_precision_weights(engine.optimizer, sharding)
+
+
+def _refresh_low_precision_weights(wrapper, sharding) -> None:
+    if sharding.kind == "stage3":
+        for j in range(len(sharding.slots)):
+            wrapper._reassign_or_swap_out_partitioned_parameters(j)
+    else:
+        wrapper.update_lp_params()
