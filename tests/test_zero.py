@@ -51,6 +51,8 @@ def test_matrix_covers_the_contract(matrix):
                 for gas in (1, 2):
                     for opt in opts:
                         assert (world, stage, offload, gas, opt) in seen
+    # Some rank holds only padding of a group and still takes part in every collective.
+    assert any(r["empty_slots"] > 0 and r["rel_err"] <= TOL for r in matrix if r["world"] == 4)
     bf16_stages = {r["cfg"]["stage"] for r in matrix if r["cfg"].get("bf16")}
     assert {2, 3} <= bf16_stages
     assert {"none", "stage12", "stage3", "bf16"} <= {r["kind"] for r in matrix}

@@ -23,6 +23,7 @@ from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
 import stratopt_ds  # noqa: E402
 import stratopt_ds.deepspeed  # noqa: E402
 from helpers import TinyNet, batch, max_rel_err  # noqa: E402
+from stratopt_ds.optim import named_param_groups  # noqa: E402
 
 GLOBAL_BATCH = 24
 STEPS = 20
@@ -48,6 +49,25 @@ def opt_kwargs(cfg):
     return dict(lr=LR, granularity=cfg.get("granularity", "tensor"))
 
 
+def build_optimizer(cfg, model):
+    """The optimizer of a run; ``groups3`` adds a third group of one 9-element tensor, so that
+    at 4 ranks some ranks hold nothing of it but padding (an empty partition)."""
+    if cfg.get("plain"):
+        return stratopt_ds.create_optimizer(cfg["opt"], [p for p in model.parameters() if p.requires_grad],
+                                            **opt_kwargs(cfg))
+    if not cfg.get("groups3"):
+        return stratopt_ds.create_optimizer(cfg["opt"], model, **opt_kwargs(cfg))
+    groups = named_param_groups(model, 0.1)
+    lonely = "blocks.2.norm.bias"
+    for g in groups:
+        if lonely in g["param_names"]:
+            k = g["param_names"].index(lonely)
+            tensor = g["params"].pop(k)
+            g["param_names"].pop(k)
+    groups.append({"params": [tensor], "param_names": [lonely], "weight_decay": 0.0, "lr": LR / 2})
+    return stratopt_ds.create_optimizer(cfg["opt"], groups, **opt_kwargs(cfg))
+
+
 def clip_like_deepspeed(params, clip: float) -> None:
     grads = [p.grad for p in params if p.grad is not None]
     norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads)).float()
@@ -65,8 +85,7 @@ def reference_run(cfg, world: int):
         with torch.no_grad():
             for p in master.parameters():
                 p.copy_(p.to(torch.bfloat16).float())
-    target = [p for p in master.parameters() if p.requires_grad] if cfg.get("plain") else master
-    opt = stratopt_ds.create_optimizer(cfg["opt"], target, **opt_kwargs(cfg))
+    opt = build_optimizer(cfg, master)
     gas = cfg["gas"]
     for step in range(STEPS):
         acc = {n: torch.zeros_like(p) for n, p in master.named_parameters() if p.requires_grad}
@@ -133,7 +152,7 @@ class AllReduceCounter:
 def ds_run(cfg):
     world, rank = dist.get_world_size(), dist.get_rank()
     model = make_model()
-    opt = stratopt_ds.create_optimizer(cfg["opt"], model, **opt_kwargs(cfg))
+    opt = build_optimizer(cfg, model)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(cfg))
     if cfg.get("no_reduce"):  # deliberately per-partition norms: the matrix must then fail
         stratopt_ds.zero.attach(opt, engine.optimizer, reduce_enabled=False)
@@ -161,18 +180,19 @@ def ds_run(cfg):
 def _layout_facts(opt):
     """How many layers straddle ranks, and how much padding the partitions have."""
     if opt._sharding is None:
-        return {"straddling_layers": 0, "padding": 0}
+        return {"straddling_layers": 0, "padding": 0, "empty_slots": 0}
     slots = opt._sharding.slots
     mine = sorted({f.layer for s in slots for f in s.fragments})
     padding = sum(s.flat.numel() - sum(f.length for f in s.fragments) for s in slots)
+    empty = sum(1 for s in slots if not s.fragments)
     everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, (mine, padding))
+    dist.all_gather_object(everyone, (mine, padding, empty))
     owners = {}
-    for layers, _ in everyone:
+    for layers, _, _ in everyone:
         for layer in layers:
             owners[layer] = owners.get(layer, 0) + 1
     return {"straddling_layers": sum(1 for n in owners.values() if n > 1),
-            "padding": sum(p for _, p in everyone)}
+            "padding": sum(p for _, p, _ in everyone), "empty_slots": sum(e for _, _, e in everyone)}
 
 
 def matrix(world: int):
@@ -188,6 +208,8 @@ def matrix(world: int):
         cfgs.append(dict(stage=stage, offload=False, gas=2, opt="stratopt", bf16=True))
     cfgs.append(dict(stage=3, offload=True, gas=1, opt="stratopt", bf16=True))
     cfgs.append(dict(stage=2, offload=False, gas=1, opt="stratopt", ds_clip=0.05))
+    for stage in (1, 2, 3):
+        cfgs.append(dict(stage=stage, offload=stage == 3, gas=1, opt="stratopt", groups3=True))
     cfgs.append(dict(stage=3, offload=True, gas=2, opt="la-sqrt-b1depth-cliplayer", ds_clip=0.05))
     return cfgs
 
@@ -354,7 +376,8 @@ def bf16(world: int):
     return [c for c in matrix(world) if c.get("bf16")]
 
 
-SUITES = {"matrix": matrix, "no_reduce": no_reduce, "bf16": bf16, "paths": paths}
+SUITES = {"matrix": matrix, "no_reduce": no_reduce, "bf16": bf16, "paths": paths,
+          "groups3": lambda world: [c for c in matrix(world) if c.get("groups3")]}
 
 
 def main():
