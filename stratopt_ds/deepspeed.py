@@ -68,7 +68,7 @@ def offloads_optimizer(config: dict) -> bool:
     return zero.get("stage", 0) > 0 and device not in (None, "none")
 
 
-def prepare_config(config: dict, optimizer_clips: bool) -> dict:
+def prepare_config(config: dict, optimizer_clips: bool, clip_mode: str = "layer") -> dict:
     """Set the flags a client optimizer needs and make gradient clipping explicit (in place)."""
     if config.get("zero_optimization", {}).get("stage", 0) > 0:
         config["zero_allow_untested_optimizer"] = True
@@ -85,7 +85,7 @@ def prepare_config(config: dict, optimizer_clips: bool) -> dict:
                            "gradient_clipping=1.0 is turned off (set gradient_clipping to keep both)")
     elif engine_clip > 0 and optimizer_clips:
         warnings.warn(f"both gradient_clipping={engine_clip} (DeepSpeed, global, applied first) and the "
-                      "optimizer's clip setting are active; both are honoured", stacklevel=3)
+                      f"optimizer's clip={clip_mode!r} are active; both are honoured", stacklevel=3)
     return config
 
 
@@ -117,7 +117,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         del config["optimizer"]
         model_parameters = None
     if isinstance(optimizer, LayerwiseAdam) or name is not None:
-        prepare_config(config, _optimizer_clips(optimizer))
+        prepare_config(config, _optimizer_clips(optimizer), optimizer.layer_options["clip"])
     if args is not None and getattr(args, "deepspeed_config", None) is not None:
         args = copy.copy(args)
         args.deepspeed_config = None  # the prepared dict is the config now

@@ -1,8 +1,9 @@
-"""Model presets as data: LLaMA-architecture configs from a CPU toy up to 1B parameters.
+"""Model presets as data: LLaMA-architecture configs from a CPU toy up to 7B parameters.
 
 A preset is a plain dict of ``transformers.LlamaConfig`` keywords plus a few training defaults
 (``lr``, ``batch_size``, ``seq_len``). The parameter count of a preset is computed from the
-config alone (:func:`count_parameters`), so ``1b`` can be sized without allocating 4 GB.
+config alone (:func:`count_parameters`), so ``1b`` can be sized without allocating 4 GB; ``3b``
+and ``7b`` exist for the memory planner (:mod:`stratopt_ds.plan`) and are never built here.
 
 The names are the parameter counts at the preset's own vocabulary; a different tokenizer changes
 the embedding size (``build_model(..., vocab_size=...)``).
@@ -36,10 +37,21 @@ PRESETS: dict[str, dict[str, Any]] = {
                num_key_value_heads=8, intermediate_size=5376, vocab_size=32000,
                tie_word_embeddings=False,
                lr=3e-4, batch_size=8, seq_len=2048, pad_vocab_to=64),
+    # Planning-only shapes (python -m stratopt_ds.plan): nothing here or in the tests builds them.
+    # 3.43B: the OpenLLaMA-3B shape.
+    "3b": dict(hidden_size=3200, num_hidden_layers=26, num_attention_heads=32,
+               num_key_value_heads=32, intermediate_size=8640, vocab_size=32000,
+               tie_word_embeddings=False,
+               lr=3e-4, batch_size=4, seq_len=2048, pad_vocab_to=64),
+    # 6.74B: the LLaMA-7B shape.
+    "7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, intermediate_size=11008, vocab_size=32000,
+               tie_word_embeddings=False,
+               lr=3e-4, batch_size=4, seq_len=2048, pad_vocab_to=64),
 }
 
 # The parameter count each name promises (count_parameters must be within 2% of it).
-NOMINAL_PARAMS = {"134m": 134e6, "500m": 500e6, "1b": 1e9}
+NOMINAL_PARAMS = {"134m": 134e6, "500m": 500e6, "1b": 1e9, "3b": 3.43e9, "7b": 6.74e9}
 
 
 def preset(name: str) -> dict[str, Any]:

@@ -35,7 +35,7 @@ def test_non_clipping_optimizer_keeps_deepspeed_default_explicitly():
 
 
 def test_both_clippings_are_honoured_with_one_warning():
-    with pytest.warns(UserWarning, match="gradient_clipping=0.5.*clip") as record:
+    with pytest.warns(UserWarning, match="gradient_clipping=0.5.*clip='layer'") as record:
         cfg = prepare_config(_zero(gradient_clipping=0.5), optimizer_clips=True)
     assert cfg["gradient_clipping"] == 0.5 and len(record) == 1
 

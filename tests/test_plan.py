@@ -1,0 +1,133 @@
+"""The memory planner (stratopt_ds.plan) against DeepSpeed's own model-state estimators."""
+import subprocess
+import sys
+
+import pytest
+from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+from stratopt_ds import available_optimizers, models, plan
+from stratopt_ds.optim import preset_defaults
+
+SHAPES = {name: (models.count_parameters(plan.preset_shape(name)),
+                 plan.largest_layer_params(plan.preset_shape(name))) for name in ("134m", "1b", "7b")}
+CLUSTERS = [(1, 1), (1, 4), (1, 8), (2, 8), (8, 8)]
+
+
+def close(ours, theirs):  # DeepSpeed truncates to int bytes
+    return abs(ours - theirs) <= 1
+
+
+@pytest.mark.parametrize("factor", [1.5, 1.0])
+@pytest.mark.parametrize("offload", [False, True])
+@pytest.mark.parametrize("nodes,gpus", CLUSTERS)
+@pytest.mark.parametrize("name", SHAPES)
+def test_adamw_zero2_matches_deepspeed(name, nodes, gpus, offload, factor):
+    total, largest = SHAPES[name]
+    ours = plan.plan(total, largest, nodes, gpus, 2, offload, "adamw", factor)
+    cpu, gpu = estimate_zero2_model_states_mem_needs(total, gpus, nodes, cpu_offload=offload,
+                                                     additional_buffer_factor=factor)
+    assert close(ours.gpu, gpu)
+    if nodes == 1 or not offload:
+        assert close(ours.cpu_per_node, cpu)
+    else:  # documented: DeepSpeed neither divides by nodes nor takes the build peak per node
+        assert close(ours.cpu_per_node, total * max(4 * gpus, 16 / nodes) * factor)
+        assert ours.cpu_per_node < cpu
+
+
+@pytest.mark.parametrize("factor", [1.5, 1.0])
+@pytest.mark.parametrize("offload", [False, True])
+@pytest.mark.parametrize("nodes,gpus", CLUSTERS)
+@pytest.mark.parametrize("name", SHAPES)
+def test_adamw_zero3_matches_deepspeed(name, nodes, gpus, offload, factor):
+    total, largest = SHAPES[name]
+    ours = plan.plan(total, largest, nodes, gpus, 3, offload, "adamw", factor)
+    cpu, gpu, layer = estimate_zero3_model_states_mem_needs(
+        total, largest, gpus, nodes, cpu_offload=offload, cpu_offload_params=False, zero_init=True,
+        additional_buffer_factor=factor)
+    assert ours.layer == layer
+    assert close(ours.gpu, gpu)
+    if not offload or ours.cpu_states >= ours.cpu_build:
+        assert close(ours.cpu_per_node, cpu)
+    else:  # documented: a small model on many nodes, where building one layer per rank dominates
+        assert close(ours.cpu_per_node, 4 * largest * gpus * factor) and ours.cpu_per_node > cpu
+
+
+@pytest.mark.parametrize("nodes,gpus", CLUSTERS)
+def test_stratopt_keeps_exactly_one_more_fp32_state_than_adamw(nodes, gpus):
+    total, largest = SHAPES["7b"]
+    pairs = zip(plan.plans(total, largest, nodes, gpus, "adamw"),
+                plan.plans(total, largest, nodes, gpus, "stratopt"))
+    for adamw, strat in pairs:
+        part = 1 if adamw.stage == 0 else nodes * gpus
+        extra = 4 * total / part
+        assert strat.states - adamw.states == pytest.approx(extra)
+        assert strat.gpu - adamw.gpu == pytest.approx(0 if adamw.offload else extra)
+        assert strat.cpu_states - adamw.cpu_states == pytest.approx(gpus * extra if adamw.offload else 0)
+        for field in ("params", "grads16", "grads32", "master", "layer", "cpu_build"):
+            assert getattr(strat, field) == getattr(adamw, field)
+
+
+def test_state_bytes_follow_mix_alpha():
+    for name in available_optimizers():
+        assert plan.state_bytes(name) == (12 if preset_defaults(name)["mix_alpha"] > 0 else 8), name
+    assert plan.state_bytes("stratopt") == 12 and plan.state_bytes("stratopt-nomix") == 8
+
+
+def test_shapes_agree_with_deepspeed_on_a_built_model_and_llama_7b():
+    from deepspeed.runtime.zero.stage3 import model_to_params
+
+    model = models.build_model("tiny")  # the only preset built here
+    assert model_to_params(model) == (models.count_parameters(plan.preset_shape("tiny")),
+                                      plan.largest_layer_params(plan.preset_shape("tiny")))
+    assert models.count_parameters(models.llama_config("7b")) == SHAPES["7b"][0] == 6_738_415_616
+    assert SHAPES["7b"][1] == 32000 * 4096
+    assert abs(models.count_parameters(plan.preset_shape("3b")) / models.NOMINAL_PARAMS["3b"] - 1) < 0.02
+
+
+def test_stage_zero_has_no_offload_and_counts_are_checked():
+    with pytest.raises(ValueError, match="stage 1, 2 or 3"):
+        plan.plan(10, 1, 1, 1, 0, offload=True)
+    with pytest.raises(ValueError, match="stage must be"):
+        plan.plan(10, 1, 1, 1, 4)
+    with pytest.raises(ValueError, match=">= 1"):
+        plan.plan(10, 1, 0, 8, 2)
+
+
+def test_cli_prints_every_stage_for_7b_on_64_gpus():
+    proc = subprocess.run([sys.executable, "-m", "stratopt_ds.plan", "--preset", "7b", "--nodes", "8",
+                           "--gpus-per-node", "8"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "6.74B parameters" in out and "64 GPUs" in out and "12 B/param" in out
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["0"], ["1"], ["2"], ["3"])]
+    assert [(r[0], r[1]) for r in rows] == [("0", "-"), ("1", "-"), ("2", "-"), ("3", "-"),
+                                            ("1", "cpu"), ("2", "cpu"), ("3", "cpu")]
+
+
+def test_cli_never_builds_the_model(monkeypatch, capsys):
+    def no_build(*args, **kwargs):
+        raise AssertionError("the planner built a model")
+
+    monkeypatch.setattr(models, "build_model", no_build)
+    monkeypatch.setattr(models, "llama_config", no_build)
+    plan.main(["--preset", "7b", "--optimizer", "adamw", "--offload"])
+    out = capsys.readouterr().out
+    assert "8 B/param" in out and " 0        -" not in out
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--preset", "13b"], ["--preset", "'13b'", "tiny, 134m, 500m, 1b, 3b, 7b"]),
+    (["--preset", "7b", "--nodes", "0"], ["--nodes must be >= 1, got 0"]),
+    (["--preset", "7b", "--gpus-per-node", "-2"], ["--gpus-per-node must be >= 1, got -2"]),
+    (["--preset", "7b", "--optimizer", "sgd"], ["--optimizer", "'sgd'", "stratopt"]),
+    (["--preset", "7b", "--cpu-buffer-factor", "0"], ["--cpu-buffer-factor must be > 0"]),
+    (["--preset", "7b", "--nodes", "two"], ["--nodes", "invalid int value"]),
+])
+def test_cli_errors_name_the_option(argv, words, capsys):
+    with pytest.raises(SystemExit) as exc:
+        plan.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    for word in words:
+        assert word in err, (word, err)
