@@ -19,11 +19,13 @@ TOL = 1e-5
 _port = iter(range(29700, 29800))
 
 
-def launch(world: int, suite: str, out_dir: Path, timeout: int = 900) -> list[dict]:
+def launch(world: int, suite: str, out_dir: Path, timeout: int = 900, ops: str = "native") -> list[dict]:
+    """Run ``suite`` on ``world`` ranks. ``ops`` picks the update backend in every rank:
+    the matrix runs the native CPU kernel (it must build), the entry-path cases the reference."""
     out = out_dir / f"{suite}-{world}.json"
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(world),
            "--master_port", str(next(_port)), str(WORKER), "--suite", suite, "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "STRATOPT_OPS": ops}
     proc = subprocess.run(cmd, cwd=out_dir, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0 or not out.exists():
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
@@ -93,7 +95,7 @@ def test_disabling_the_norm_reduction_is_detected(tmp_path):
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
-    rows = launch(2, "paths", tmp_path_factory.mktemp("paths"))
+    rows = launch(2, "paths", tmp_path_factory.mktemp("paths"), ops="reference")
     return {(r["case"], r["cfg"]["stage"], r["cfg"].get("offload"), bool(r["cfg"].get("bf16"))): r for r in rows}
 
 
