@@ -22,8 +22,12 @@ $(STAMP): setup.py requirements.txt
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
+# The main job: StratOpt under the deepspeed launcher, ZeRO-2, 2 CPU ranks, offline.
+# On GPUs: deepspeed --num_gpus 8 --module stratopt_ds.train --preset 134m --data fineweb \
+#          --tokenizer gpt2 --deepspeed_config ds_configs/134m_zero2.json --device cuda
 demo: setup
-	$(PY) -m stratopt_ds.train --optimizer stratopt --steps 60 --out runs/demo
+	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus 2 --module stratopt_ds.train \
+	  --deepspeed_config ds_configs/tiny_zero2_cpu.json --steps 60 --batch-size 16 --out runs/demo
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -66,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="validation batches per evaluation; 0: none (default: 4)")
     add("--out", default=None, help="directory for metrics.jsonl and summary.json")
     add("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    add("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=None,
+        help="train with DeepSpeed (run under the `deepspeed` launcher) using this JSON config; "
+             "--batch-size is then the global batch: micro-batch x accumulation x ranks")
+    add("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)
     add("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
@@ -138,6 +143,12 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> arg
         parser.error(f"--device: {e}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available on this machine")
+    if args.deepspeed_config is not None:
+        from .deepspeed import load_config
+        try:
+            args.ds_config = load_config(args.deepspeed_config)
+        except ValueError as e:
+            parser.error(f"--deepspeed_config: {e}")
     try:  # build the optimizer once on a throw-away module: bad hyperparameters raise here
         args.hyperparams = optimizer_hyperparams(args.optimizer, parse_opt_args(args.opt_args),
                                                  args.lr, args.steps)
@@ -237,6 +248,84 @@ def print_summary(s: dict[str, Any]) -> None:
 # The job
 
 
+class SingleProcess:
+    """One process: our optimizer and the LambdaLR schedule."""
+
+    world, rank = 1, 0
+
+    def __init__(self, args, model: nn.Module):
+        self.model = model
+        self.optimizer = create_optimizer(args.optimizer, model, **args.hyperparams)
+        self.scheduler = lr_schedule(self.optimizer, args.warmup_steps, args.steps)
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def train_step(self, inputs, targets, device) -> float:
+        loss = lm_loss(self.model, inputs.to(device), targets.to(device))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        return loss.item()
+
+
+class DeepSpeedRun:
+    """Under the deepspeed launcher: the global batch is split over ranks and micro-batches."""
+
+    def __init__(self, args, model: nn.Module):
+        import deepspeed
+        import torch.distributed as dist
+
+        from .deepspeed import initialize
+        from .optim import OPTIMIZER_CLASSES
+
+        self.dist = dist
+        config = args.ds_config
+        section = config.setdefault("optimizer", {"type": args.optimizer,
+                                                  "params": dict(args.hyperparams)})
+        params = section.setdefault("params", {})
+        name = next((n for n, c in OPTIMIZER_CLASSES.items() if section["type"] in (n, c.__name__)), None)
+        if name is not None and params.get("mix_alpha", preset_defaults(name)["mix_alpha"]) > 0:
+            params.setdefault("t_alpha", args.steps)
+            params.setdefault("t_beta3", args.steps)
+        scheduler = config.get("scheduler")
+        if scheduler and scheduler.get("type") == "WarmupCosineLR":  # the run's length wins
+            scheduler.setdefault("params", {}).update(total_num_steps=args.steps,
+                                                      warmup_num_steps=args.warmup_steps)
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        self.world, self.rank = dist.get_world_size(), dist.get_rank()
+        self.gas = int(config.get("gradient_accumulation_steps", 1))
+        if args.batch_size % (self.world * self.gas):
+            raise SystemExit(f"--batch-size {args.batch_size} is not divisible by ranks x "
+                             f"accumulation = {self.world} x {self.gas}")
+        self.micro = args.batch_size // (self.world * self.gas)
+        config["train_micro_batch_size_per_gpu"] = self.micro
+        config.pop("train_batch_size", None)
+        make_schedule = None if scheduler else (
+            lambda opt: lr_schedule(opt, args.warmup_steps, args.steps))
+        self.model, _, _, _ = initialize(model=model, config=config, lr_scheduler=make_schedule)
+        self.optimizer = self.model.basic_optimizer
+        args.optimizer = name or section["type"]  # the config's optimizer is the one that runs
+        args.hyperparams = dict(params)
+
+    def lr(self) -> float:
+        return self.model.get_lr()[0]
+
+    def train_step(self, inputs, targets, device) -> float:
+        losses = []
+        for m in range(self.gas):
+            lo = (m * self.world + self.rank) * self.micro
+            x, y = inputs[lo:lo + self.micro], targets[lo:lo + self.micro]
+            loss = lm_loss(self.model, x.to(self.model.device), y.to(self.model.device))
+            self.model.backward(loss)
+            self.model.step()
+            losses.append(loss.detach().float())
+        mean = torch.stack(losses).mean().cpu()  # the logged loss: mean over the global batch
+        self.dist.all_reduce(mean)
+        return mean.item() / self.world
+
+
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     args = parse_args(argv)
@@ -248,35 +337,30 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                                  args.bpe_vocab, args.cache_dir, args.max_docs)
     batches = data.BatchIterator(corpus.train, args.batch_size, seed=args.data_seed)
 
-    # Model, optimizer, schedule.
+    # Model, optimizer, schedule: on one process, or sharded by DeepSpeed.
     model = models.build_model(args.preset, corpus.tokenizer.vocab_size, args.seq_len,
                                seed=args.seed).to(device)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
-    opt = create_optimizer(args.optimizer, model, **args.hyperparams)
-    sched = lr_schedule(opt, args.warmup_steps, args.steps)
-    print(f"{args.optimizer} {args.hyperparams} | {args.preset}: {n_params:,} params | "
-          f"{args.data}: {corpus.num_docs:,} docs, {corpus.num_tokens:,} tokens "
-          f"({corpus.tokenizer.name}), {len(corpus.train)} train / {len(corpus.val)} val windows")
+    run = DeepSpeedRun(args, model) if args.deepspeed_config else SingleProcess(args, model)
+    opt, lead = run.optimizer, run.rank == 0
+    if lead:
+        print(f"{args.optimizer} {args.hyperparams} | {args.preset}: {n_params:,} params | {run.world} rank(s) | "
+              f"{args.data}: {corpus.num_docs:,} docs, {corpus.num_tokens:,} tokens "
+              f"({corpus.tokenizer.name}), {len(corpus.train)} train / {len(corpus.val)} val windows")
 
     # Train.
-    log = MetricsLog(args.out)
+    log = MetricsLog(args.out if lead else None)
     losses, val_losses = [], []
     tokens, eval_time = 0, 0.0
     t0 = time.perf_counter()
-    bar = tqdm(total=args.steps, desc="train", disable=args.no_progress, file=sys.stderr,
-               dynamic_ncols=True)
+    bar = tqdm(total=args.steps, desc="train", disable=args.no_progress or not lead,
+               file=sys.stderr, dynamic_ncols=True)
     for step in range(1, args.steps + 1):
         inputs, targets = next(batches)
-        lr = sched.get_last_lr()[0]
-        loss = lm_loss(model, inputs.to(device), targets.to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-
+        lr = run.lr()
+        losses.append(run.train_step(inputs, targets, device))
         tokens += targets.numel()
-        losses.append(loss.item())
         log.write({"step": step, "loss": finite_or_none(losses[-1]), "lr": lr, "tokens": tokens,
                    "elapsed": time.perf_counter() - t0, **optimizer_stats(opt)})
         bar.update(1)
@@ -285,7 +369,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         is_eval_step = (args.eval_every and step % args.eval_every == 0) or step == args.steps
         if args.eval_batches and is_eval_step:
             t_eval = time.perf_counter()
-            val = evaluate(model, corpus.val, args.batch_size, args.eval_batches, device)
+            val = evaluate(run.model, corpus.val, args.batch_size, args.eval_batches,
+                           getattr(run.model, "device", device))
             eval_time += time.perf_counter() - t_eval
             val_losses.append((step, val))
             log.write({"step": step, "val_loss": finite_or_none(val), "tokens": tokens,
@@ -300,7 +385,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "optimizer": args.optimizer, "preset": args.preset, "params": n_params,
         "hyperparams": args.hyperparams, "data": args.data, "tokenizer": corpus.tokenizer.name,
         "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
-        "seed": args.seed, "data_seed": args.data_seed, "tokens": tokens,
+        "ranks": run.world, "seed": args.seed, "data_seed": args.data_seed, "tokens": tokens,
         "first_loss": losses[0], "last_loss": losses[-1], "losses": losses,
         "val_loss": val_losses[-1][1] if val_losses else None, "val_losses": val_losses,
         "tokens_per_s": tokens / max(train_time, 1e-9), "train_time": train_time,
@@ -308,9 +393,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "clip_counts": opt.layer_clip_counts(), "data_state": batches.state_dict(),
         "out": args.out,
     }
-    if args.out is not None:
-        (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print_summary(summary)
+    if lead:
+        if args.out is not None:
+            (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print_summary(summary)
     return summary
 
 
