@@ -26,7 +26,7 @@ import logging
 import warnings
 from typing import Any, Optional
 
-from .optim import OPTIMIZER_CLASSES, available_optimizers, create_optimizer, preset_defaults
+from .optim import OPTIMIZER_CLASSES, available_optimizers, create_optimizer
 from .optim.optimizer import LayerwiseAdam
 
 logger = logging.getLogger(__name__)
@@ -131,4 +131,4 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     return engine, ds_optimizer, loader, scheduler
 
 
-__all__ = ["initialize", "load_config", "prepare_config", "resolve_optimizer_name", "preset_defaults"]
+__all__ = ["initialize", "load_config", "prepare_config", "resolve_optimizer_name"]

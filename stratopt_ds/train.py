@@ -213,7 +213,10 @@ def optimizer_stats(opt) -> dict[str, Any]:
             "alpha_min": alpha.min().item(), "alpha_mean": alpha.mean().item(),
             "alpha_max": alpha.max().item(),
             "clip_events": sum(opt.layer_clip_counts().values()),
-            "skipped_steps": opt.skipped_steps}
+            "skipped_steps": opt.skipped_steps,
+            # per layer, in the order of summary.json's "layers": the layer-wise analysis
+            "layer_norms": [finite_or_none(x) for x in norms.tolist()],
+            "layer_alpha": alpha.tolist()}
 
 
 class MetricsLog:
@@ -277,15 +280,14 @@ class DeepSpeedRun:
         import deepspeed
         import torch.distributed as dist
 
-        from .deepspeed import initialize
-        from .optim import OPTIMIZER_CLASSES
+        from .deepspeed import initialize, resolve_optimizer_name
 
         self.dist = dist
         config = args.ds_config
         section = config.setdefault("optimizer", {"type": args.optimizer,
                                                   "params": dict(args.hyperparams)})
         params = section.setdefault("params", {})
-        name = next((n for n, c in OPTIMIZER_CLASSES.items() if section["type"] in (n, c.__name__)), None)
+        name = resolve_optimizer_name(str(section.get("type", "")))
         if name is not None and params.get("mix_alpha", preset_defaults(name)["mix_alpha"]) > 0:
             params.setdefault("t_alpha", args.steps)
             params.setdefault("t_beta3", args.steps)
@@ -391,6 +393,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "tokens_per_s": tokens / max(train_time, 1e-9), "train_time": train_time,
         "wall_time": time.perf_counter() - t_start, "skipped_steps": opt.skipped_steps,
         "clip_counts": opt.layer_clip_counts(), "data_state": batches.state_dict(),
+        "layers": opt.layer_map.layout.layer_names,
         "out": args.out,
     }
     if lead:

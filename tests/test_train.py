@@ -48,6 +48,10 @@ def test_tiny_stratopt_20_steps_loss_goes_down_and_is_logged(tmp_path):
     for r in steps:
         assert r["grad_norm"] > 0 and r["alpha_min"] <= r["alpha_mean"] <= r["alpha_max"]
         assert {"lr", "tokens", "elapsed", "layer_norm_max", "skipped_steps"} <= set(r)
+        # per-layer norms in the order of the summary's layers; they add up to the global norm
+        assert len(r["layer_norms"]) == len(r["layer_alpha"]) == len(s["layers"])
+        assert math.sqrt(sum(x * x for x in r["layer_norms"])) == pytest.approx(r["grad_norm"])
+        assert max(r["layer_norms"]) == pytest.approx(r["layer_norm_max"])
     assert [r["step"] for r in records if "val_loss" in r] == [10, 20]
     # Warm-up then cosine decay down to 10% of the peak at the last step.
     assert steps[1]["lr"] == pytest.approx(3e-3) and steps[-1]["lr"] == pytest.approx(3e-4)
