@@ -39,6 +39,6 @@ setup(
         "train": ["transformers>=4.40", "tokenizers", "datasets", "deepspeed>=0.14", "accelerate"],
         "test": ["pytest"],
     },
-    entry_points={"console_scripts": ["stratopt-train=stratopt_ds.train:main"]},
+    entry_points={"console_scripts": ["stratopt-train=stratopt_ds.train:cli"]},
     **kwargs,
 )

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from . import data, models
+from . import checkpoints, data, models
+from .metrics import MetricsLog, finite_or_none, optimizer_stats, print_summary
 from .optim import available_optimizers, create_optimizer, preset_defaults
 
 # ------------------------------------------------------------------------------------------------
@@ -35,8 +36,9 @@ from .optim import available_optimizers, create_optimizer, preset_defaults
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stratopt-train", description=__doc__.split("\n\n")[0])
     add = p.add_argument
-    add("--optimizer", default="stratopt",
-        help="optimizer name, see stratopt_ds.available_optimizers() (default: stratopt)")
+    add("--optimizer", default=None,
+        help="optimizer name, see stratopt_ds.available_optimizers() (default: the DeepSpeed "
+             "config's optimizer, else stratopt)")
     add("--opt-args", action="extend", nargs="+", default=[], metavar="ARG",
         help="hyperparameter overrides: a JSON object or key=value pairs (values parsed as JSON)")
     add("--preset", default="tiny",
@@ -71,6 +73,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="train with DeepSpeed (run under the `deepspeed` launcher) using this JSON config; "
              "--batch-size is then the global batch: micro-batch x accumulation x ranks")
     add("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)
+    add("--save-every", type=int, default=0,
+        help="checkpoint to <out>/checkpoints every N steps and at the end; 0: never (default: 0)")
+    add("--keep-checkpoints", type=int, default=2,
+        help="keep the newest K checkpoints; 0: all (default: 2)")
+    add("--resume", action="store_true",
+        help="continue the run from the newest complete checkpoint in <out>/checkpoints")
+    add("--diverge-after", type=int, default=20,
+        help="stop as diverged (exit code 3) after K consecutive steps with a non-finite loss or "
+             "a skipped update (non-finite gradients) (default: 20)")
+    add("--no-tensorboard", action="store_true",
+        help="do not write TensorBoard events to <out>/tensorboard")
+    add("--time-norm-reduce", action="store_true",
+        help="on CUDA, synchronise around the per-layer norm all-reduce so its share of the "
+             "step is exact (on CPU it is always exact)")
     add("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
@@ -110,9 +126,10 @@ def optimizer_hyperparams(name: str, overrides: dict[str, Any], lr: float, steps
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
     """Fill the preset's defaults and stop with a clear message at the first bad option."""
-    if args.optimizer not in available_optimizers():
+    if args.optimizer is not None and args.optimizer not in available_optimizers():
         parser.error(f"--optimizer: unknown optimizer {args.optimizer!r}; "
                      f"available: {', '.join(available_optimizers())}")
+    lr_given = args.lr is not None
     try:
         preset = models.preset(args.preset)
     except ValueError as e:
@@ -126,7 +143,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> arg
             ("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
             ("--seq-len", args.seq_len, 1), ("--val-windows", args.val_windows, 1),
             ("--max-docs", max_docs, 1), ("--warmup-steps", args.warmup_steps, 0),
-            ("--eval-every", args.eval_every, 0), ("--eval-batches", args.eval_batches, 0)]:
+            ("--eval-every", args.eval_every, 0), ("--eval-batches", args.eval_batches, 0),
+            ("--save-every", args.save_every, 0), ("--keep-checkpoints", args.keep_checkpoints, 0),
+            ("--diverge-after", args.diverge_after, 1)]:
         if value < minimum:
             parser.error(f"{option} must be >= {minimum}, got {value}")
     if not (math.isfinite(args.lr) and args.lr > 0):
@@ -143,19 +162,85 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> arg
         parser.error(f"--device: {e}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available on this machine")
+    try:
+        overrides = parse_opt_args(args.opt_args)
+    except ValueError as e:  # json.JSONDecodeError is a ValueError too
+        parser.error(f"--opt-args: {e}")
+    args.ds_config, base, args.ranks = None, {}, 1
     if args.deepspeed_config is not None:
-        from .deepspeed import load_config
-        try:
-            args.ds_config = load_config(args.deepspeed_config)
-        except ValueError as e:
-            parser.error(f"--deepspeed_config: {e}")
+        base = check_deepspeed_config(parser, args, lr_given)
+    args.optimizer = args.optimizer or "stratopt"
     try:  # build the optimizer once on a throw-away module: bad hyperparameters raise here
-        args.hyperparams = optimizer_hyperparams(args.optimizer, parse_opt_args(args.opt_args),
+        args.hyperparams = optimizer_hyperparams(args.optimizer, {**base, **overrides},
                                                  args.lr, args.steps)
         create_optimizer(args.optimizer, nn.Linear(1, 1), **args.hyperparams)
-    except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError too
-        parser.error(f"--opt-args: {e}")
+    except (ValueError, TypeError) as e:
+        where = "the DeepSpeed config's optimizer.params or " if base else ""
+        parser.error(f"{where}--opt-args: {e}")
+    if args.ds_config is not None:
+        check_clipping(parser, args)
+    if args.resume or args.save_every:
+        if args.out is None:
+            parser.error("--resume and --save-every need --out (checkpoints go to <out>/checkpoints)")
+    if args.resume:
+        try:
+            args.resume_tag = checkpoints.check_identity(checkpoint_dir(args), run_identity(args))
+        except (FileNotFoundError, ValueError) as e:
+            parser.error(str(e))
     return args
+
+
+def check_deepspeed_config(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                           lr_given: bool) -> dict[str, Any]:
+    """Read the config; return its optimizer params. Every error stops before any process group."""
+    from .deepspeed import load_config, resolve_optimizer_name
+
+    try:
+        args.ds_config = config = load_config(args.deepspeed_config)
+    except ValueError as e:
+        parser.error(f"--deepspeed_config: {e}")
+    params: dict[str, Any] = {}
+    section = config.get("optimizer")
+    if section:
+        type_name = str(section.get("type", ""))
+        name = resolve_optimizer_name(type_name)
+        if name is None:
+            parser.error(f"--deepspeed_config: optimizer.type {type_name!r} is not a stratopt_ds "
+                         f"optimizer (the training entry logs per-layer norms); available: "
+                         f"{', '.join(available_optimizers())}")
+        if args.optimizer is not None and args.optimizer != name:
+            parser.error(f"--optimizer {args.optimizer!r} conflicts with the DeepSpeed config's "
+                         f"optimizer.type {type_name!r}; give one of them")
+        args.optimizer = name
+        params = dict(section.get("params") or {})
+        config_lr = params.pop("lr", None)
+        if config_lr is not None and not lr_given:
+            args.lr = float(config_lr)  # the config's lr, unless --lr says otherwise
+    args.ranks = int(os.environ.get("WORLD_SIZE", "1"))  # set by the deepspeed launcher
+    gas = int(config.get("gradient_accumulation_steps", 1))
+    if args.batch_size % (args.ranks * gas):
+        parser.error(f"--batch-size {args.batch_size} is not divisible by ranks x "
+                     f"gradient_accumulation_steps = {args.ranks} x {gas}")
+    return params
+
+
+def check_clipping(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """DeepSpeed's global clipping and an optimizer that clips itself would clip twice."""
+    clip = args.hyperparams.get("clip", preset_defaults(args.optimizer)["clip"])
+    engine_clip = args.ds_config.get("gradient_clipping")
+    if engine_clip and clip != "none":
+        parser.error(f"conflicting clipping: the DeepSpeed config sets gradient_clipping="
+                     f"{engine_clip} and {args.optimizer!r} clips itself (clip={clip!r}); set "
+                     f"gradient_clipping to 0 or pass --opt-args clip=none")
+
+
+def checkpoint_dir(args: argparse.Namespace) -> Path:
+    return Path(args.out) / "checkpoints"
+
+
+def run_identity(args: argparse.Namespace) -> dict[str, Any]:
+    """What defines the run; ``--resume`` refuses a checkpoint whose identity differs."""
+    return {key: getattr(args, key) for key in checkpoints.RUN_IDENTITY}
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -199,54 +284,6 @@ def evaluate(model: nn.Module, windows: torch.Tensor, batch_size: int, max_batch
     return total / count
 
 
-def finite_or_none(x: float) -> Optional[float]:
-    """JSON has no NaN/Inf: a skipped step logs null."""
-    return x if math.isfinite(x) else None
-
-
-def optimizer_stats(opt) -> dict[str, Any]:
-    """Gradient norms and layer scales of the last step, and the running counters."""
-    ls = opt.last_step
-    norms, alpha = ls.norms.double(), ls.alpha.double()
-    return {"grad_norm": finite_or_none(norms.square().sum().sqrt().item()),
-            "layer_norm_max": finite_or_none(norms.max().item()),
-            "alpha_min": alpha.min().item(), "alpha_mean": alpha.mean().item(),
-            "alpha_max": alpha.max().item(),
-            "clip_events": sum(opt.layer_clip_counts().values()),
-            "skipped_steps": opt.skipped_steps,
-            # per layer, in the order of summary.json's "layers": the layer-wise analysis
-            "layer_norms": [finite_or_none(x) for x in norms.tolist()],
-            "layer_alpha": alpha.tolist()}
-
-
-class MetricsLog:
-    """Appends one JSON object per line to ``out/metrics.jsonl`` (nothing when out is None)."""
-
-    def __init__(self, out: Optional[str]):
-        self.file = None
-        if out is not None:
-            Path(out).mkdir(parents=True, exist_ok=True)
-            self.file = open(Path(out) / "metrics.jsonl", "w", encoding="utf-8")
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-
-
-def print_summary(s: dict[str, Any]) -> None:
-    val = "n/a" if s["val_loss"] is None else f"{s['val_loss']:.4f}"
-    print(f"{s['optimizer']} on {s['preset']} ({s['params']:,} params), {s['steps']} steps, "
-          f"{s['tokens']:,} tokens")
-    print(f"  loss {s['first_loss']:.4f} -> {s['last_loss']:.4f} | val loss {val} | "
-          f"{s['tokens_per_s']:,.0f} tokens/s | train {s['train_time']:.1f}s | "
-          f"wall {s['wall_time']:.1f}s | skipped steps {s['skipped_steps']}")
-
-
 # ------------------------------------------------------------------------------------------------
 # The job
 
@@ -272,6 +309,16 @@ class SingleProcess:
         self.scheduler.step()
         return loss.item()
 
+    def save(self, directory: Path, step: int, client: dict, identity: dict) -> None:
+        checkpoints.save_single(directory, step, self.model, self.optimizer, self.scheduler,
+                                client, identity)
+
+    def load(self, directory: Path, tag: str) -> dict:
+        return checkpoints.load_single(directory, tag, self.model, self.optimizer, self.scheduler)
+
+    def barrier(self) -> None:
+        pass
+
 
 class DeepSpeedRun:
     """Under the deepspeed launcher: the global batch is split over ranks and micro-batches."""
@@ -280,17 +327,13 @@ class DeepSpeedRun:
         import deepspeed
         import torch.distributed as dist
 
-        from .deepspeed import initialize, resolve_optimizer_name
+        from .deepspeed import initialize
 
         self.dist = dist
         config = args.ds_config
-        section = config.setdefault("optimizer", {"type": args.optimizer,
-                                                  "params": dict(args.hyperparams)})
-        params = section.setdefault("params", {})
-        name = resolve_optimizer_name(str(section.get("type", "")))
-        if name is not None and params.get("mix_alpha", preset_defaults(name)["mix_alpha"]) > 0:
-            params.setdefault("t_alpha", args.steps)
-            params.setdefault("t_beta3", args.steps)
+        # check_args resolved the optimizer (config, --optimizer, --opt-args, --lr): it is ours.
+        config["optimizer"] = {"type": args.optimizer,
+                               "params": {**args.hyperparams}}
         scheduler = config.get("scheduler")
         if scheduler and scheduler.get("type") == "WarmupCosineLR":  # the run's length wins
             scheduler.setdefault("params", {}).update(total_num_steps=args.steps,
@@ -298,9 +341,6 @@ class DeepSpeedRun:
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
         self.gas = int(config.get("gradient_accumulation_steps", 1))
-        if args.batch_size % (self.world * self.gas):
-            raise SystemExit(f"--batch-size {args.batch_size} is not divisible by ranks x "
-                             f"accumulation = {self.world} x {self.gas}")
         self.micro = args.batch_size // (self.world * self.gas)
         config["train_micro_batch_size_per_gpu"] = self.micro
         config.pop("train_batch_size", None)
@@ -308,8 +348,6 @@ class DeepSpeedRun:
             lambda opt: lr_schedule(opt, args.warmup_steps, args.steps))
         self.model, _, _, _ = initialize(model=model, config=config, lr_scheduler=make_schedule)
         self.optimizer = self.model.basic_optimizer
-        args.optimizer = name or section["type"]  # the config's optimizer is the one that runs
-        args.hyperparams = dict(params)
 
     def lr(self) -> float:
         return self.model.get_lr()[0]
@@ -326,6 +364,21 @@ class DeepSpeedRun:
         mean = torch.stack(losses).mean().cpu()  # the logged loss: mean over the global batch
         self.dist.all_reduce(mean)
         return mean.item() / self.world
+
+    def save(self, directory: Path, step: int, client: dict, identity: dict) -> None:
+        checkpoints.save_deepspeed(directory, step, self.model, client, identity)
+
+    def load(self, directory: Path, tag: str) -> dict:
+        return checkpoints.load_deepspeed(directory, tag, self.model)
+
+    def barrier(self) -> None:
+        self.dist.barrier()
+
+
+def norm_reducer(opt):
+    """The per-layer norm all-reduce of a ZeRO-bound optimizer (None on one process)."""
+    sharding = getattr(opt, "_sharding", None)
+    return getattr(sharding, "reducer", None)
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
@@ -351,57 +404,123 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
               f"{args.data}: {corpus.num_docs:,} docs, {corpus.num_tokens:,} tokens "
               f"({corpus.tokenizer.name}), {len(corpus.train)} train / {len(corpus.val)} val windows")
 
+    # Resume: weights, optimizer, schedule, data position, history. Or start afresh.
+    history = {"losses": [], "val_losses": [], "tokens": 0, "train_time": 0.0, "eval_time": 0.0,
+               "norm_allreduce_time": 0.0, "elapsed": 0.0, "nonfinite_run": 0, "skipped": 0}
+    start = 0
+    if args.resume:
+        client = run.load(checkpoint_dir(args), args.resume_tag)
+        start, history = client["step"], client["history"]
+        batches.load_state_dict(client["data"])
+        checkpoints.set_rng_state(client["rng"])
+        if lead:
+            print(f"resumed from {checkpoint_dir(args) / args.resume_tag} at step {start}")
+    reducer = norm_reducer(opt)  # None on one process
+    if reducer is not None:
+        reducer.sync_cuda = args.time_norm_reduce
+    counted = 0.0  # the reducer's seconds already added to the history
+
+    def add_reducer_time() -> None:
+        nonlocal counted
+        if reducer is not None:
+            history["norm_allreduce_time"] += reducer.seconds - counted
+            counted = reducer.seconds
+
     # Train.
-    log = MetricsLog(args.out if lead else None)
-    losses, val_losses = [], []
-    tokens, eval_time = 0, 0.0
-    t0 = time.perf_counter()
-    bar = tqdm(total=args.steps, desc="train", disable=args.no_progress or not lead,
+    layer_names = opt.layer_map.layout.layer_names
+    log = MetricsLog(args.out if lead else None, layer_names, resume_step=start,
+                     tensorboard=not args.no_tensorboard)
+    losses, val_losses = history["losses"], history["val_losses"]
+    status = "ok"
+    t0, elapsed0 = time.perf_counter(), history["elapsed"]
+    bar = tqdm(total=args.steps, initial=start, desc="train", disable=args.no_progress or not lead,
                file=sys.stderr, dynamic_ncols=True)
-    for step in range(1, args.steps + 1):
+    for step in range(start + 1, args.steps + 1):
+        t_step = time.perf_counter()
         inputs, targets = next(batches)
         lr = run.lr()
         losses.append(run.train_step(inputs, targets, device))
-        tokens += targets.numel()
-        log.write({"step": step, "loss": finite_or_none(losses[-1]), "lr": lr, "tokens": tokens,
-                   "elapsed": time.perf_counter() - t0, **optimizer_stats(opt)})
+        history["train_time"] += time.perf_counter() - t_step
+        history["tokens"] += targets.numel()
+        stats = optimizer_stats(opt)
+        log.write({"step": step, "loss": finite_or_none(losses[-1]), "lr": lr,
+                   "tokens": history["tokens"], "elapsed": elapsed0 + time.perf_counter() - t0,
+                   **stats})
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.2e}")
+        # Diverged: K steps in a row with a non-finite loss or a skipped update (non-finite
+        # gradients). Loss and norms are the same on every rank, so all ranks stop together.
+        bad = not math.isfinite(losses[-1]) or stats["skipped_steps"] > history["skipped"]
+        history["skipped"] = stats["skipped_steps"]
+        history["nonfinite_run"] = history["nonfinite_run"] + 1 if bad else 0
+        if history["nonfinite_run"] >= args.diverge_after:
+            status = "diverged"
 
         is_eval_step = (args.eval_every and step % args.eval_every == 0) or step == args.steps
-        if args.eval_batches and is_eval_step:
+        if args.eval_batches and (is_eval_step or status == "diverged"):
             t_eval = time.perf_counter()
             val = evaluate(run.model, corpus.val, args.batch_size, args.eval_batches,
                            getattr(run.model, "device", device))
-            eval_time += time.perf_counter() - t_eval
+            history["eval_time"] += time.perf_counter() - t_eval
             val_losses.append((step, val))
-            log.write({"step": step, "val_loss": finite_or_none(val), "tokens": tokens,
-                       "elapsed": time.perf_counter() - t0})
+            log.write({"step": step, "val_loss": finite_or_none(val), "tokens": history["tokens"],
+                       "elapsed": elapsed0 + time.perf_counter() - t0})
             bar.set_postfix(loss=f"{losses[-1]:.3f}", val=f"{val:.3f}", lr=f"{lr:.2e}")
+        if status == "diverged":
+            break
+        if args.save_every and (step % args.save_every == 0 or step == args.steps):
+            add_reducer_time()
+            history["elapsed"] = elapsed0 + time.perf_counter() - t0
+            client = {"step": step, "history": history, "data": batches.state_dict(),
+                      "rng": checkpoints.rng_state()}
+            run.save(checkpoint_dir(args), step, client, run_identity(args))
+            if lead:
+                checkpoints.prune(checkpoint_dir(args), args.keep_checkpoints)
     bar.close()
     log.close()
-    train_time = time.perf_counter() - t0 - eval_time
+    add_reducer_time()
+    if val_losses and not math.isfinite(val_losses[-1][1]):
+        status = "diverged"
 
     # Summary.
+    steps_done = len(losses)
+    train_time = history["train_time"]
     summary = {
-        "optimizer": args.optimizer, "preset": args.preset, "params": n_params,
+        "status": status, "optimizer": args.optimizer, "preset": args.preset, "params": n_params,
         "hyperparams": args.hyperparams, "data": args.data, "tokenizer": corpus.tokenizer.name,
-        "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
-        "ranks": run.world, "seed": args.seed, "data_seed": args.data_seed, "tokens": tokens,
-        "first_loss": losses[0], "last_loss": losses[-1], "losses": losses,
-        "val_loss": val_losses[-1][1] if val_losses else None, "val_losses": val_losses,
-        "tokens_per_s": tokens / max(train_time, 1e-9), "train_time": train_time,
-        "wall_time": time.perf_counter() - t_start, "skipped_steps": opt.skipped_steps,
-        "clip_counts": opt.layer_clip_counts(), "data_state": batches.state_dict(),
-        "layers": opt.layer_map.layout.layer_names,
-        "out": args.out,
+        "steps": args.steps, "steps_done": steps_done, "batch_size": args.batch_size,
+        "seq_len": args.seq_len, "ranks": run.world, "seed": args.seed,
+        "data_seed": args.data_seed, "tokens": history["tokens"],
+        "first_loss": finite_or_none(losses[0]) if losses else None,
+        "last_loss": finite_or_none(losses[-1]) if losses else None,
+        "losses": [finite_or_none(x) for x in losses],
+        "val_loss": finite_or_none(val_losses[-1][1]) if val_losses else None,
+        "val_losses": [(s, finite_or_none(v)) for s, v in val_losses],
+        "tokens_per_s": history["tokens"] / max(train_time, 1e-9), "train_time": train_time,
+        "step_time": train_time / max(steps_done, 1),
+        "norm_allreduce_time": history["norm_allreduce_time"],
+        "norm_allreduce_share": history["norm_allreduce_time"] / max(train_time, 1e-9),
+        "wall_time": time.perf_counter() - t_start, "resumed_from": start or None,
+        "skipped_steps": opt.skipped_steps, "clip_counts": opt.layer_clip_counts(),
+        "data_state": batches.state_dict(), "layers": layer_names, "out": args.out,
     }
     if lead:
         if args.out is not None:
-            (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            path = Path(args.out) / "summary.json"
+            path.with_suffix(".json.tmp").write_text(json.dumps(summary, indent=2) + "\n")
+            os.replace(path.with_suffix(".json.tmp"), path)
         print_summary(summary)
     return summary
 
 
+EXIT_DIVERGED = 3
+
+
+def cli(argv: Optional[list[str]] = None) -> int:
+    """The console entry: exit 0 when the run finished, 3 when it diverged."""
+    summary = main(argv)
+    return EXIT_DIVERGED if summary["status"] == "diverged" else 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

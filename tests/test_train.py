@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -208,6 +210,50 @@ def test_bad_options_exit_with_a_clear_message(argv, words, capsys, monkeypatch)
         assert word in err, (word, err)
 
 
+def write_ds_config(tmp_path, **overrides) -> str:
+    config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2,
+              "zero_optimization": {"stage": 2},
+              "optimizer": {"type": "StratOpt", "params": {"lr": 1e-3, "clip": "layer"}}}
+    config.update(overrides)
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+@pytest.mark.parametrize("overrides, extra, words", [
+    ({"optimizer": {"type": "Adam", "params": {}}}, [],
+     ["optimizer.type 'Adam'", "not a stratopt_ds optimizer", "stratopt"]),
+    ({"optimizer": {"type": "StratOpt2", "params": {}}}, [], ["'StratOpt2'", "available"]),
+    ({}, ["--optimizer", "adamw"], ["--optimizer 'adamw'", "conflicts", "'StratOpt'"]),
+    ({"gradient_clipping": 1.0}, [], ["conflicting clipping", "gradient_clipping=1.0",
+                                      "clip='layer'"]),
+    ({}, ["--opt-args", "clip=global"], []),  # still clips itself: no engine clipping set, fine
+    ({"optimizer": {"type": "StratOpt", "params": {"max_grad_norm": 1.0}}}, [],
+     ["optimizer.params", "max_grad_norm"]),
+    ({}, ["--batch-size", "6"], ["--batch-size 6", "ranks x gradient_accumulation_steps = 2 x 2"]),
+])
+def test_bad_deepspeed_settings_fail_before_any_process_group(tmp_path, overrides, extra, words,
+                                                              capsys, monkeypatch):
+    """The launcher sets WORLD_SIZE; every check runs before deepspeed.init_distributed."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(data, "prepare_corpus", lambda *a, **k: (_ for _ in ()).throw(
+        AssertionError("work started before the options were checked")))
+    argv = ["--deepspeed_config", write_ds_config(tmp_path, **overrides), "--batch-size", "16",
+            *extra]
+    if not words:
+        args = train.parse_args(argv)  # accepted
+        assert args.optimizer == "stratopt" and args.hyperparams["clip"] == "global"
+        assert args.lr == 1e-3 and args.ranks == 2  # the config's lr when --lr is not given
+        return
+    with pytest.raises(SystemExit) as exc:
+        train.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    for word in words:
+        assert word in err, (word, err)
+    assert not torch.distributed.is_initialized()
+
+
 def test_command_line_entry_reports_bad_steps():
     proc = subprocess.run([sys.executable, "-m", "stratopt_ds.train", "--steps", "0"],
                           capture_output=True, text=True, timeout=60)
@@ -238,3 +284,87 @@ def test_tiny_preset_builds_and_count_is_exact():
 def test_unknown_preset_names_the_allowed_ones():
     with pytest.raises(ValueError, match=r"'huge'.*tiny, 134m, 500m, 1b"):
         models.build_model("huge")
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints, --resume after a kill, divergence
+
+
+def train_cmd(out, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "stratopt_ds.train", "--out", str(out), "--steps", "40",
+            "--save-every", "5", "--eval-every", "10", "--no-progress", "--eval-batches", "2",
+            "--no-tensorboard", *extra]
+
+
+def test_resume_after_kill_continues_the_same_run(tmp_path):
+    """Kill -9 a run mid-way; --resume gives the same steps, data position and loss curve."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    reference = subprocess.run(train_cmd(tmp_path / "ref"), capture_output=True, text=True,
+                               timeout=300, env=env)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(train_cmd(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env)
+    latest = out / "checkpoints" / "latest"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if latest.exists() and int(latest.read_text().strip()[5:]) >= 15:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert not (out / "summary.json").exists(), "the run finished before it could be killed"
+    killed_at = int(latest.read_text().strip()[5:])
+    assert 15 <= killed_at < 40
+
+    resumed = subprocess.run(train_cmd(out, "--resume"), capture_output=True, text=True,
+                             timeout=300, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"at step {killed_at}" in resumed.stdout
+    a = json.loads((tmp_path / "ref" / "summary.json").read_text())
+    b = json.loads((out / "summary.json").read_text())
+    assert b["resumed_from"] == killed_at and b["steps_done"] == 40
+    assert b["losses"] == a["losses"]  # bit-identical loss curve
+    assert b["val_losses"] == a["val_losses"]
+    assert b["data_state"] == a["data_state"] and b["tokens"] == a["tokens"]
+    steps = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+             if "loss" in r]
+    assert steps == list(range(1, 41))  # the killed run's extra records were dropped
+    kept = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+    assert kept == ["step_35", "step_40"]  # --keep-checkpoints 2
+
+
+def test_resume_refuses_another_run_and_a_missing_checkpoint(tmp_path, capsys):
+    run(tmp_path, "--steps", "4", "--save-every", "2", "--no-tensorboard")
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--steps", "4", "--resume", "--seed", "5")
+    err = capsys.readouterr().err
+    assert "different run" in err and "seed: 0 in the checkpoint, 5 now" in err
+    with pytest.raises(SystemExit):
+        train.main(["--out", str(tmp_path / "empty"), "--resume"])
+    assert "no complete checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.main(["--resume"])
+    assert "need --out" in capsys.readouterr().err
+
+
+def test_divergence_stops_the_run_and_exits_3(tmp_path):
+    cmd = [sys.executable, "-m", "stratopt_ds.train", "--out", str(tmp_path / "run"), "--steps",
+           "60", "--optimizer", "adamw", "--lr", "1e4", "--diverge-after", "5", "--no-progress",
+           "--no-tensorboard", "--eval-batches", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == train.EXIT_DIVERGED, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["steps_done"] < 60
+    assert summary["skipped_steps"] >= 5
+
+
+def test_tensorboard_events_are_written(tmp_path):
+    run(tmp_path, "--steps", "3")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert "train/loss" in tags and "val/loss" in tags and any(t.startswith("layer_norms/") for t in tags)
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3]

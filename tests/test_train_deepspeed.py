@@ -1,8 +1,13 @@
-"""The main job under the real `deepspeed` launcher: 2 CPU ranks, ZeRO-2, StratOpt from the JSON."""
+"""The main job under the real `deepspeed` launcher: 2 CPU ranks, ZeRO-2, StratOpt from the JSON.
+
+One launch trains 20 steps with checkpoints; a second resumes a copy of it from step 10 and must
+repeat steps 11-20 exactly (same data position, same optimizer state, same loss curve).
+"""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,18 +15,40 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_deepspeed_launcher_trains_stratopt_from_the_config(tmp_path):
-    out = tmp_path / "run"
+def launch(out: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", "29811",
            "--module", "stratopt_ds.train", "--deepspeed_config", str(ROOT / "ds_configs" / "tiny_zero2_cpu.json"),
-           "--steps", "20", "--batch-size", "16", "--out", str(out), "--no-progress", "--eval-batches", "2"]
+           "--steps", "20", "--batch-size", "16", "--out", str(out), "--no-progress", "--eval-batches", "2",
+           "--save-every", "10", *extra]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_deepspeed_launcher_trains_stratopt_from_the_config_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    launch(out)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["ranks"] == 2 and summary["optimizer"] == "stratopt"
+    assert summary["ranks"] == 2 and summary["optimizer"] == "stratopt" and summary["status"] == "ok"
     losses = summary["losses"]
     assert len(losses) == 20
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert sum(1 for s in steps if "loss" in s) == 20  # rank 0 alone writes the log
+    assert len(steps[0]["layer_norms"]) == len(summary["layers"])
+    assert 0 < summary["norm_allreduce_share"] < 1 and summary["norm_allreduce_time"] > 0
+    assert (out / "tensorboard").is_dir()
+
+    # resume a copy from its step-10 checkpoint, as if killed between step 10 and step 20
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed)
+    (resumed / "summary.json").unlink()
+    (resumed / "checkpoints" / "latest").write_text("step_10\n")
+    proc = launch(resumed, "--resume")
+    assert "at step 10" in proc.stdout
+    again = json.loads((resumed / "summary.json").read_text())
+    assert again["resumed_from"] == 10
+    assert again["losses"] == losses  # steps 11-20 bit-identical on the same 2 ranks
+    assert again["val_losses"] == summary["val_losses"]
+    assert again["data_state"] == summary["data_state"]
