@@ -27,7 +27,8 @@ $(STAMP): setup.py requirements.txt
 #          --tokenizer gpt2 --deepspeed_config ds_configs/134m_zero2.json --device cuda
 demo: setup
 	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus 2 --module stratopt_ds.train \
-	  --deepspeed_config ds_configs/tiny_zero2_cpu.json --steps 60 --batch-size 16 --out runs/demo
+	  --deepspeed_config ds_configs/tiny_zero2_cpu.json --data synthetic --steps 60 --batch-size 16 \
+	  --out runs/demo
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -19,6 +19,7 @@ import json
 import os
 import random
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
@@ -108,6 +109,26 @@ def iter_fineweb(name: str = "sample-10BT") -> Iterator[str]:
 
 
 READERS = {".txt": read_txt, ".jsonl": read_jsonl, ".parquet": read_parquet}
+HUB_HOST = ("huggingface.co", 443)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """True unless offline mode is set or the hub cannot be reached within ``timeout`` seconds."""
+    if any(os.environ.get(v, "0").lower() in ("1", "true", "yes")
+           for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return False
+    try:
+        socket.create_connection(HUB_HOST, timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def resolve_source(source: str) -> str:
+    """'auto' (the default) is FineWeb when the hub is reachable, else the synthetic corpus."""
+    if source != "auto":
+        return source
+    return "fineweb" if hub_reachable() else "synthetic"
 
 
 def check_source(source: str) -> None:

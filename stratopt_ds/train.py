@@ -49,8 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
     add("--warmup-steps", type=int, default=None,
         help="linear warm-up steps (default: 10%% of --steps)")
-    add("--data", default="synthetic",
-        help="'synthetic' (default), 'fineweb', or a .txt/.jsonl/.parquet file")
+    add("--data", default="auto",
+        help="'fineweb' (HuggingFaceFW/fineweb sample-10BT, streamed), 'synthetic', a "
+             ".txt/.jsonl/.parquet file, or 'auto' (default): fineweb when the hub is reachable, "
+             "else synthetic")
     add("--max-docs", type=int, default=None,
         help="read at most this many documents (default: all; 2000 synthetic, 20000 fineweb)")
     add("--tokenizer", default="byte",
@@ -150,6 +152,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> arg
             parser.error(f"{option} must be >= {minimum}, got {value}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         parser.error(f"--lr must be a finite number > 0, got {args.lr}")
+    args.data = data.resolve_source(args.data)
     try:
         data.check_source(args.data)
     except (FileNotFoundError, ValueError) as e:

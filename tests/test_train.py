@@ -368,3 +368,27 @@ def test_tensorboard_events_are_written(tmp_path):
     tags = acc.Tags()["scalars"]
     assert "train/loss" in tags and "val/loss" in tags and any(t.startswith("layer_norms/") for t in tags)
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3]
+
+
+def test_data_auto_is_fineweb_only_when_the_hub_answers(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert data.resolve_source("auto") == "synthetic"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    calls = []
+
+    class Conn:
+        def close(self):
+            pass
+
+    def reachable(addr, timeout):
+        calls.append(addr)
+        return Conn()
+
+    def unreachable(addr, timeout):
+        raise OSError("no route")
+
+    monkeypatch.setattr(data.socket, "create_connection", reachable)
+    assert data.resolve_source("auto") == "fineweb" and calls == [("huggingface.co", 443)]
+    monkeypatch.setattr(data.socket, "create_connection", unreachable)
+    assert data.resolve_source("auto") == "synthetic"
+    assert data.resolve_source("some.txt") == "some.txt"
