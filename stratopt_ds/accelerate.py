@@ -1,0 +1,218 @@
+"""accelerate with DeepSpeed and a stratopt_ds optimizer.
+
+    from accelerate import Accelerator
+    from stratopt_ds import create_optimizer
+    from stratopt_ds.accelerate import deepspeed_plugin, distributed_state, bind_prepared
+
+    distributed_state()                      # only does something on CPU-only DeepSpeed (see below)
+    optimizer = create_optimizer("stratopt", model, lr=3e-3)
+    accelerator = Accelerator(deepspeed_plugin=deepspeed_plugin("ds.json", optimizer))
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    bind_prepared(model, optimizer)           # checks DeepSpeed steps *our* optimizer, binds it
+
+:func:`deepspeed_plugin` prepares the DeepSpeed config for the optimizer you pass, because
+accelerate's DeepSpeed path has two silent traps for a client optimizer:
+
+* with optimizer offload, accelerate replaces any client optimizer by DeepSpeedCPUAdam unless
+  the config says ``"zero_force_ds_cpu_optimizer": false``: the plugin's config says so;
+* a config ``"optimizer"`` section next to a client optimizer is refused by accelerate, and with a
+  ``DummyOptim`` DeepSpeed would build its own optimizer. A section that names the optimizer you
+  pass (the shipped configs do) is checked against it, key by key, and removed; any other
+  section is refused with an error naming the key.
+
+Gradient clipping is made explicit as in :func:`stratopt_ds.deepspeed.prepare_config`: an
+optimizer that clips itself turns DeepSpeed's default ``gradient_clipping=1.0`` off.
+
+On a machine without an accelerator DeepSpeed runs on CPU with gloo, but accelerate's
+``PartialState`` then finds no distributed backend and tells every rank it is the only process
+(each would read the whole dataset and believe it is the main process).
+:func:`distributed_state` creates the state with the gloo backend first; it does nothing on GPUs
+or outside a launcher.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Mapping, Optional
+
+from .deepspeed import load_config, offloads_optimizer, prepare_config, resolve_optimizer_name
+from .optim import LayerwiseAdam
+
+
+# ------------------------------------------------------------------------------------------------
+# The DeepSpeed config
+
+
+def refuse_foreign_optimizer_section(config: Mapping[str, Any]) -> Optional[dict]:
+    """The config's ``"optimizer"`` section when it names one of ours; raise if it names another."""
+    section = config.get("optimizer")
+    if section is None:
+        return None
+    type_name = str(section.get("type", ""))
+    if resolve_optimizer_name(type_name) is None:
+        raise ValueError(
+            f'the DeepSpeed config has an "optimizer" section of type {type_name!r}: DeepSpeed would '
+            "then build that optimizer itself over one flat parameter list (the decay/no-decay "
+            "groups and parameter names are lost) instead of the stratopt_ds optimizer. Remove the "
+            '"optimizer" key from the config, or name a stratopt_ds optimizer there '
+            "(stratopt_ds.available_optimizers())")
+    return section
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Config values compare equal: JSON lists match tuples, ints match floats."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def section_mismatches(section: Mapping[str, Any], settings: Mapping[str, Any],
+                       source: Callable[[str], str]) -> list[str]:
+    """``"optimizer.params.k=v vs <source(k)>=w"`` for every explicit section value that differs.
+
+    ``"auto"`` values never mismatch; keys absent from ``settings`` are left to the caller."""
+    out = []
+    for key, value in (section.get("params") or {}).items():
+        if value != "auto" and key in settings and not same_value(value, settings[key]):
+            out.append(f"optimizer.params.{key}={value!r} vs {source(key)}={settings[key]!r}")
+    return out
+
+
+def optimizer_settings(optimizer: LayerwiseAdam) -> dict[str, Any]:
+    """Every hyperparameter the optimizer was built with (group defaults and layer options)."""
+    return {**optimizer.defaults, **optimizer.layer_options}
+
+
+def check_section_matches_optimizer(section: Mapping[str, Any], optimizer: LayerwiseAdam) -> None:
+    """A config section naming our optimizer must describe the instance actually passed."""
+    name = resolve_optimizer_name(str(section.get("type", "")))
+    if name != optimizer.preset:
+        raise ValueError(f"the DeepSpeed config's optimizer.type {section.get('type')!r} is not the "
+                         f"optimizer passed ({type(optimizer).__name__}, {optimizer.preset!r}); remove "
+                         'the "optimizer" key or make them agree')
+    settings = optimizer_settings(optimizer)
+    unknown = [k for k in (section.get("params") or {}) if k not in settings]
+    if unknown:
+        raise ValueError(f"optimizer.params has unknown hyperparameters {unknown}; allowed: "
+                         f"{', '.join(settings)}")
+    bad = section_mismatches(section, settings, lambda key: f"the optimizer's {key}")
+    if bad:
+        raise ValueError("the DeepSpeed config's optimizer section disagrees with the optimizer "
+                         "passed (it would be silently ignored):\n  " + "\n  ".join(bad) +
+                         '\nset these to "auto", remove them, or remove the "optimizer" key')
+
+
+def optimizer_clips(optimizer: Any) -> tuple[bool, str]:
+    """(clips its own gradients, clip mode) of an optimizer; non-stratopt ones never clip."""
+    if isinstance(optimizer, LayerwiseAdam):
+        mode = optimizer.layer_options["clip"]
+        return mode != "none", mode
+    return False, "none"
+
+
+def prepare_for_optimizer(config: dict, optimizer: Any) -> dict:
+    """Make a DeepSpeed config (in place) keep ``optimizer`` as DeepSpeed's client optimizer."""
+    section = refuse_foreign_optimizer_section(config)
+    if section is not None:
+        if not isinstance(optimizer, LayerwiseAdam):
+            raise ValueError(f'the DeepSpeed config names {section.get("type")!r} in its "optimizer" '
+                             f"section but a {type(optimizer).__name__} is passed; remove the key")
+        check_section_matches_optimizer(section, optimizer)
+        del config["optimizer"]
+    clips, mode = optimizer_clips(optimizer)
+    if config.get("gradient_clipping") == "auto":
+        del config["gradient_clipping"]  # nothing to fill it from: the explicit default applies
+    return prepare_config(config, clips, mode)
+
+
+def deepspeed_plugin(config_or_plugin: Any, optimizer: Any, **plugin_kwargs):
+    """An ``accelerate.utils.DeepSpeedPlugin`` whose config keeps ``optimizer`` (see module doc).
+
+    ``config_or_plugin``: a dict, a JSON path, or an existing plugin (e.g. the one
+    ``accelerate launch --deepspeed_config_file`` made), whose config is prepared in place.
+    """
+    from accelerate.utils import DeepSpeedPlugin
+
+    if isinstance(config_or_plugin, DeepSpeedPlugin):
+        prepare_for_optimizer(config_or_plugin.deepspeed_config, optimizer)
+        return config_or_plugin
+    config = prepare_for_optimizer(load_config(config_or_plugin), optimizer)
+    return DeepSpeedPlugin(hf_ds_config=config, **plugin_kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# After accelerator.prepare
+
+
+def deepspeed_engine(model: Any):
+    """The DeepSpeed engine behind what ``accelerator.prepare`` returned for the model."""
+    from deepspeed import DeepSpeedEngine
+
+    if isinstance(model, DeepSpeedEngine):
+        return model
+    raise TypeError(f"expected the DeepSpeed engine returned by accelerator.prepare, got "
+                    f"{type(model).__name__}: was the Accelerator built with a DeepSpeedPlugin?")
+
+
+def bind_prepared(model: Any, optimizer: Optional[LayerwiseAdam] = None):
+    """Check DeepSpeed steps a stratopt_ds optimizer and bind it to the ZeRO wrapper now.
+
+    It would bind itself at its first step; binding here reports an unsupported ZeRO setting
+    before any training, and fails loudly if the optimizer was swapped (``optimizer`` is the
+    instance passed to ``prepare``; leave it out to accept any stratopt_ds optimizer).
+    Returns the binding, or None when DeepSpeed does not wrap the optimizer (ZeRO stage 0, fp32).
+    """
+    engine = deepspeed_engine(model)
+    inner = engine.basic_optimizer
+    if not isinstance(inner, LayerwiseAdam) or (optimizer is not None and inner is not optimizer):
+        config = engine.config if isinstance(engine.config, dict) else {}
+        hint = ""
+        if offloads_optimizer(config) and config.get("zero_force_ds_cpu_optimizer", True):
+            hint = ('; under optimizer offload accelerate swaps it unless "zero_force_ds_cpu_optimizer" '
+                    "is false (stratopt_ds.accelerate.deepspeed_plugin sets it)")
+        raise RuntimeError(f"DeepSpeed steps {type(inner).__name__}, not the stratopt_ds optimizer "
+                           f"passed to accelerator.prepare{hint}")
+    if inner._sharding is not None or engine.optimizer is inner:
+        return inner._sharding
+    from .zero import attach
+    return attach(inner, engine.optimizer)
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU-only DeepSpeed
+
+
+def runs_deepspeed_on_cpu() -> bool:
+    """Under a launcher (LOCAL_RANK set) on a machine where DeepSpeed picked its CPU accelerator."""
+    if int(os.environ.get("LOCAL_RANK", -1)) < 0:
+        return False
+    from deepspeed.accelerator import get_accelerator
+    return get_accelerator().device_name() == "cpu"
+
+
+def distributed_state() -> bool:
+    """Create accelerate's ``PartialState`` for DeepSpeed over gloo on CPU (see module doc).
+
+    Call it before the ``Accelerator`` (``StratTrainingArguments`` calls it itself). Returns True
+    when it did something. ``ACCELERATE_USE_DEEPSPEED`` is set only while the state is created,
+    the way transformers' TrainingArguments does it.
+    """
+    if not runs_deepspeed_on_cpu():
+        return False
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=False)  # a new run's plugin must apply
+    if PartialState._shared_state:
+        return True
+    previous = os.environ.get("ACCELERATE_USE_DEEPSPEED")
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    try:
+        PartialState(backend="gloo")
+    finally:
+        if previous is None:
+            del os.environ["ACCELERATE_USE_DEEPSPEED"]
+        else:
+            os.environ["ACCELERATE_USE_DEEPSPEED"] = previous
+    return True
+
+
+__all__ = ["deepspeed_plugin", "prepare_for_optimizer", "bind_prepared", "distributed_state"]
