@@ -1,0 +1,77 @@
+"""Command line of the study tools.
+
+    python -m stratopt_ds.study check  PLAN [--list]          validate a plan, count its runs
+    python -m stratopt_ds.study run    PLAN [--out DIR] [--jobs N] [--retry-failed]
+    python -m stratopt_ds.study report DIR                    report.md / report.json / plots
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from typing import Optional
+
+from .plan import PlanError, load_plan
+from .report import write_report
+from .runner import Interrupted, StudyError, run_study
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m stratopt_ds.study",
+                                description="Optimizer studies: plans, runs, statistics, report.")
+    sub = p.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="validate a plan and list its runs")
+    check.add_argument("plan")
+    check.add_argument("--list", action="store_true", help="print every run")
+    run = sub.add_parser("run", help="run (or resume) every run of a plan")
+    run.add_argument("plan")
+    run.add_argument("--out", default=None, help="study directory (default: runs/study_<name>)")
+    run.add_argument("--jobs", type=int, default=1,
+                     help="single-process runs at once; each gets cores/jobs OpenMP threads")
+    run.add_argument("--retry-failed", action="store_true",
+                     help="run failed/diverged runs again, with the same seeds")
+    run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    run.add_argument("--report", action="store_true", help="write the report when done")
+    report = sub.add_parser("report", help="statistics, tables and plots of a study directory")
+    report.add_argument("directory")
+    report.add_argument("--plan", default=None, help="plan file (default: DIR/plan.yaml)")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "check":
+            plan = load_plan(args.plan)
+            runs = plan.runs()
+            per_size = Counter(r.size for r in runs)
+            print(f"{plan.name}: {len(runs)} runs = {len(plan.arms)} arms x {len(plan.sizes)} "
+                  f"sizes x {len(plan.seeds)} seeds ({dict(per_size)})")
+            for r in runs if args.list else []:
+                print(f"  {r.key}")
+            return 0
+        if args.command == "run":
+            out = args.out or f"runs/study_{load_plan(args.plan).name}"
+            counts = run_study(args.plan, out, args.jobs, args.retry_failed,
+                               progress=not args.no_progress)
+            print("runs: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v))
+            if args.report:
+                print(f"report: {write_report(out)[0]}")
+            return 0
+        md, js = write_report(args.directory, args.plan)
+        print(f"report: {md}\n        {js}")
+        return 0
+    except PlanError as e:
+        print(f"plan error: {e}", file=sys.stderr)
+        return 2
+    except (StudyError, FileNotFoundError) as e:  # one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Interrupted:  # SIGTERM
+        return 143
+
+
+if __name__ == "__main__":
+    sys.exit(main())

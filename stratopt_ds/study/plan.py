@@ -1,0 +1,438 @@
+"""Study plans: a YAML file that says which runs make up a study, checked before anything runs.
+
+A plan is data, not code (see ``plans/*.yaml`` and the README next to this file)::
+
+    name: cpu_small
+    baseline: adamw                 # the arm every other arm is compared with
+    seeds: {init: [0, 1, 2], data: [100, 101, 102]}   # or a plain list: data seed = init seed
+    train: {steps: 600, data: "${STRATOPT_SHARED:-../shared}/data/wikitext-2/test.txt"}
+    sizes: {tiny: {preset: tiny}}   # per size: a preset, train options, an optional launcher
+    arms: [adamw, {name: stratopt, optimizer: stratopt, opt_args: {clip_tau: 2.0}}]
+    analysis: {alpha: 0.01, equivalence_margin: 0.01}
+
+A study is the product sizes x seeds x arms. Train options are merged plan < size < arm, so an
+arm may override the learning rate and a size the batch. Every error names the offending key
+(``arms[2].opt_args.clip_tau``), the bad value and what is allowed.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from torch import nn
+
+from .. import models
+from ..data import MIN_BPE_VOCAB, READERS
+from ..optim import available_optimizers, create_optimizer, preset_defaults
+
+
+class PlanError(ValueError):
+    """A plan that cannot run; the message names the key, the value and what is allowed."""
+
+
+# Train options a plan may set -> (kind, lower bound). Each maps to ``--<key with dashes>`` of
+# ``python -m stratopt_ds.train`` except ``epochs``, which the runner turns into ``--steps``.
+TRAIN_OPTIONS: dict[str, tuple[str, Optional[float]]] = {
+    "steps": ("int", 1), "epochs": ("float", 0), "batch_size": ("int", 1), "seq_len": ("int", 1),
+    "lr": ("float", 0), "warmup_steps": ("int", 0), "data": ("str", None),
+    "max_docs": ("int", 1), "tokenizer": ("str", None), "bpe_vocab": ("int", MIN_BPE_VOCAB),
+    "val_windows": ("int", 1), "eval_every": ("int", 0), "eval_batches": ("int", 1),
+    "device": ("str", None), "save_every": ("int", 0), "keep_checkpoints": ("int", 0),
+    "diverge_after": ("int", 1),
+    "tensorboard": ("bool", None),     # false -> --no-tensorboard (saves ~2 s of start-up a run)
+}
+TOP_KEYS = ("name", "description", "baseline", "seeds", "train", "sizes", "arms", "analysis",
+            "cleanup_checkpoints")
+SIZE_KEYS = ("preset", "deepspeed")
+ARM_KEYS = ("name", "optimizer", "opt_args")
+DEEPSPEED_KEYS = ("config", "num_gpus")
+
+# The pre-declared analysis (section 4 of the study anchors); a plan may change each value.
+ANALYSIS_DEFAULTS: dict[str, float] = {
+    "alpha": 0.01,                     # family-wise error rate per size (Holm)
+    "ci_level": 0.99,                  # confidence level of the mean-difference interval
+    "equivalence_margin": 0.01,        # TOST margin in nats: |delta| < margin counts as equal
+    "welch_below_pairing_corr": 0.5,   # paired t-test unless the seed pairing correlates less
+    "power": 0.8,                      # for the minimum detectable difference
+}
+ANALYSIS_RANGES = {  # key -> (low, high, closed interval?)
+    "alpha": (0, 1, False), "ci_level": (0, 1, False), "equivalence_margin": (0, math.inf, False),
+    "welch_below_pairing_corr": (-1, 1, True), "power": (0, 1, False)}
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # used as directory names
+ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+@dataclass(frozen=True)
+class DeepSpeedLaunch:
+    config: str      # absolute path of the shipped DeepSpeed JSON
+    num_gpus: int
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    optimizer: str
+    opt_args: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Size:
+    name: str
+    preset: str
+    train: dict[str, Any] = field(default_factory=dict)
+    deepspeed: Optional[DeepSpeedLaunch] = None
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training job: an arm at a size with one seed pair."""
+    size: str
+    arm: str
+    seed: int
+    data_seed: int
+    preset: str
+    optimizer: str
+    opt_args: dict[str, Any]
+    train: dict[str, Any]            # merged plan < size < arm options
+    deepspeed: Optional[DeepSpeedLaunch]
+
+    @property
+    def key(self) -> str:
+        return f"{self.size}/{self.arm}/seed{self.seed}"
+
+    def directory(self, out: Path) -> Path:
+        return Path(out) / self.size / self.arm / f"seed{self.seed}"
+
+    def train_args(self, steps: int) -> list[str]:
+        """Options for ``stratopt_ds.train`` (without --out / --resume / --deepspeed_config)."""
+        options = {k: v for k, v in self.train.items() if k not in ("steps", "epochs")}
+        args = ["--optimizer", self.optimizer, "--preset", self.preset, "--steps", str(steps),
+                "--seed", str(self.seed), "--data-seed", str(self.data_seed)]
+        for key, value in sorted(options.items()):
+            if key == "tensorboard":
+                args += [] if value else ["--no-tensorboard"]
+            else:
+                args += [f"--{key.replace('_', '-')}", str(value)]
+        if self.opt_args:
+            args += ["--opt-args", json.dumps(self.opt_args, sort_keys=True)]
+        return args
+
+
+def make_run(size: Size, arm: Arm, seed: int, data_seed: int) -> Run:
+    return Run(size.name, arm.name, seed, data_seed, size.preset, arm.optimizer,
+               dict(arm.opt_args), {**size.train, **arm.train}, size.deepspeed)
+
+
+@dataclass
+class Plan:
+    name: str
+    description: str
+    baseline: str
+    seeds: list[tuple[int, int]]      # (init seed, data seed), paired across arms by position
+    sizes: list[Size]
+    arms: list[Arm]
+    analysis: dict[str, float]
+    cleanup_checkpoints: bool
+
+    def runs(self) -> list[Run]:
+        """Every run, size-major then seed then arm: a partial study holds whole seed blocks."""
+        return [make_run(size, arm, seed, data_seed)
+                for size in self.sizes for seed, data_seed in self.seeds for arm in self.arms]
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_plan(path: str | Path, check_files: bool = True) -> Plan:
+    """Read and validate a plan file; raise PlanError naming the first problem.
+
+    ``check_files=False`` skips the checks of files the runs would read (data, DeepSpeed
+    configs): the report of a finished study can be made where those files are not.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PlanError(f"plan file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise PlanError(f"{path}: not valid YAML: {e}") from None
+    return parse_plan(raw, where=str(path), check_files=check_files)
+
+
+def parse_plan(raw: Any, where: str = "plan", check_files: bool = True) -> Plan:
+    if not isinstance(raw, dict):
+        raise PlanError(f"{where}: expected a mapping of {', '.join(TOP_KEYS)}, got {_kind(raw)}")
+    _check_keys(raw, TOP_KEYS, "", required=("name", "baseline", "seeds", "sizes", "arms"))
+    name = _name(raw["name"], "name")
+    common = _train_options(raw.get("train") or {}, "train")
+    sizes = _sizes(raw["sizes"], check_files)
+    arms = _arms(raw["arms"])
+    baseline = raw["baseline"]
+    if baseline not in [a.name for a in arms]:
+        raise PlanError(f"baseline: {baseline!r} is not an arm; arms: "
+                        f"{', '.join(a.name for a in arms)}")
+    sizes = [Size(s.name, s.preset, {**common, **s.train}, s.deepspeed) for s in sizes]
+    plan = Plan(name=name, description=str(raw.get("description") or "").strip(),
+                baseline=baseline, seeds=_seeds(raw["seeds"]), sizes=sizes, arms=arms,
+                analysis=_analysis(raw.get("analysis") or {}),
+                cleanup_checkpoints=_bool(raw.get("cleanup_checkpoints", True),
+                                          "cleanup_checkpoints"))
+    seed, data_seed = plan.seeds[0]  # the checks do not depend on the seed
+    for size in sizes:
+        for arm in arms:
+            _check_run(make_run(size, arm, seed, data_seed), check_files)
+    return plan
+
+
+def _sizes(raw: Any, check_files: bool) -> list[Size]:
+    if not isinstance(raw, dict) or not raw:
+        raise PlanError(f"sizes: expected a non-empty mapping size-name -> {{preset: ...}}, "
+                        f"got {_kind(raw)}")
+    sizes = []
+    for name, body in raw.items():
+        where = f"sizes.{name}"
+        _name(name, where)
+        body = body or {}
+        if not isinstance(body, dict):
+            raise PlanError(f"{where}: expected a mapping, got {_kind(body)}")
+        _check_keys(body, SIZE_KEYS + tuple(TRAIN_OPTIONS), where, required=("preset",))
+        if body["preset"] not in models.PRESETS:
+            raise PlanError(f"{where}.preset: unknown preset {body['preset']!r}; available: "
+                            f"{', '.join(models.PRESETS)}")
+        train = _train_options({k: v for k, v in body.items() if k in TRAIN_OPTIONS}, where)
+        launch = (_deepspeed(body["deepspeed"], f"{where}.deepspeed", check_files)
+                  if "deepspeed" in body else None)
+        sizes.append(Size(str(name), body["preset"], train, launch))
+    return sizes
+
+
+def _arms(raw: Any) -> list[Arm]:
+    if not isinstance(raw, list) or not raw:
+        raise PlanError(f"arms: expected a non-empty list of optimizer names or "
+                        f"{{name, optimizer, opt_args}} mappings, got {_kind(raw)}")
+    arms: list[Arm] = []
+    for i, body in enumerate(raw):
+        where = f"arms[{i}]"
+        if isinstance(body, str):
+            body = {"name": body, "optimizer": body}
+        if not isinstance(body, dict):
+            raise PlanError(f"{where}: expected an optimizer name or a mapping, got {_kind(body)}")
+        _check_keys(body, ARM_KEYS + tuple(TRAIN_OPTIONS), where, required=("name",))
+        name = _name(body["name"], f"{where}.name")
+        optimizer = body.get("optimizer", name)
+        if optimizer not in available_optimizers():
+            raise PlanError(f"{where}.optimizer: unknown optimizer {optimizer!r}; available: "
+                            f"{', '.join(available_optimizers())}")
+        if name in [a.name for a in arms]:
+            raise PlanError(f"{where}.name: duplicate arm name {name!r}")
+        opt_args = _opt_args(optimizer, body.get("opt_args") or {}, f"{where}.opt_args")
+        train = _train_options({k: v for k, v in body.items() if k in TRAIN_OPTIONS}, where)
+        arms.append(Arm(name, optimizer, opt_args, train))
+    return arms
+
+
+def _opt_args(optimizer: str, raw: Any, where: str) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise PlanError(f"{where}: expected a mapping of hyperparameters, got {_kind(raw)}")
+    allowed = sorted(k for k in preset_defaults(optimizer) if k != "lr")
+    for key in raw:
+        if key == "lr":
+            raise PlanError(f"{where}.lr: set the learning rate with the train option 'lr'")
+        if key not in allowed:
+            raise PlanError(f"{where}: unknown hyperparameter {key!r} for {optimizer}; "
+                            f"allowed: {', '.join(allowed)}")
+    return dict(raw)
+
+
+def _deepspeed(raw: Any, where: str, check_files: bool) -> DeepSpeedLaunch:
+    if not isinstance(raw, dict):
+        raise PlanError(f"{where}: expected {{config: FILE.json, num_gpus: N}}, got {_kind(raw)}")
+    _check_keys(raw, DEEPSPEED_KEYS, where, required=DEEPSPEED_KEYS)
+    num_gpus = raw["num_gpus"]
+    if not _is_int(num_gpus) or num_gpus < 1:
+        raise PlanError(f"{where}.num_gpus: expected an integer >= 1, got {num_gpus!r}")
+    config = resolve_path(raw["config"], f"{where}.config", must_exist=check_files)
+    if check_files:
+        try:
+            json.loads(config.read_text())
+        except json.JSONDecodeError as e:
+            raise PlanError(f"{where}.config: {config} is not valid JSON: {e}") from None
+    return DeepSpeedLaunch(str(config), int(num_gpus))
+
+
+def _train_options(raw: Any, where: str) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise PlanError(f"{where}: expected a mapping of train options, got {_kind(raw)}")
+    out = {}
+    for key, value in raw.items():
+        if key not in TRAIN_OPTIONS:
+            raise PlanError(f"{where}: unknown train option {key!r}; allowed: "
+                            f"{', '.join(TRAIN_OPTIONS)}")
+        kind, low = TRAIN_OPTIONS[key]
+        name = f"{where}.{key}"
+        if kind == "int" and not (_is_int(value) and value >= low):
+            raise PlanError(f"{name}: expected an integer >= {low}, got {value!r}")
+        if kind == "float" and not (_is_real(value) and value > low):
+            raise PlanError(f"{name}: expected a finite number > {low}, got {value!r}")
+        if kind == "bool" and not isinstance(value, bool):
+            raise PlanError(f"{name}: expected true or false, got {value!r}")
+        if kind == "str" and not (isinstance(value, str) and value):
+            raise PlanError(f"{name}: expected a non-empty string, got {value!r}")
+        out[key] = expand_env(value, name) if kind == "str" else value
+        if key == "data" and out[key] not in ("synthetic", "fineweb"):
+            out[key] = str(Path(out[key]).resolve())  # runs may be resumed from elsewhere
+    return out
+
+
+def _seeds(raw: Any) -> list[tuple[int, int]]:
+    if isinstance(raw, list):
+        raw = {"init": raw}
+    if not isinstance(raw, dict):
+        raise PlanError(f"seeds: expected a list of integers or {{init: [...], data: [...]}}, "
+                        f"got {_kind(raw)}")
+    _check_keys(raw, ("init", "data"), "seeds", required=("init",))
+    init, data_seeds = raw["init"], raw.get("data", raw["init"])
+    for key, values in (("init", init), ("data", data_seeds)):
+        where = f"seeds.{key}"
+        if not isinstance(values, list) or not values:
+            raise PlanError(f"{where}: expected a non-empty list of integers >= 0, got {values!r}")
+        bad = [v for v in values if not (_is_int(v) and v >= 0)]
+        if bad:
+            raise PlanError(f"{where}: seeds must be integers >= 0; bad: {bad!r}")
+        if len(set(values)) != len(values):
+            raise PlanError(f"{where}: seeds must be distinct, got {values!r}")
+    if len(init) != len(data_seeds):
+        raise PlanError(f"seeds: init has {len(init)} seeds and data {len(data_seeds)}; they "
+                        f"pair up by position, so give the same number")
+    return list(zip(init, data_seeds))
+
+
+def _analysis(raw: Any) -> dict[str, float]:
+    if not isinstance(raw, dict):
+        raise PlanError(f"analysis: expected a mapping, got {_kind(raw)}")
+    _check_keys(raw, tuple(ANALYSIS_DEFAULTS), "analysis")
+    out = {**ANALYSIS_DEFAULTS, **raw}
+    for key, (lo, hi, closed) in ANALYSIS_RANGES.items():
+        value = out[key]
+        inside = _is_real(value) and ((lo <= value <= hi) if closed else (lo < value < hi))
+        if not inside:
+            interval = f"[{lo}, {hi}]" if closed else f"({lo}, {hi})"
+            raise PlanError(f"analysis.{key}: expected a number in {interval}, got {value!r}")
+    return out
+
+
+def _check_run(run: Run, check_files: bool) -> None:
+    """Checks that need the merged options of a size and an arm."""
+    where = f"run {run.size}/{run.arm}"
+    opts = run.train
+    if ("steps" in opts) == ("epochs" in opts):
+        raise PlanError(f"{where}: give exactly one of train.steps and train.epochs "
+                        f"(got {'both' if 'steps' in opts else 'neither'})")
+    if check_files:
+        _check_data(opts.get("data", "synthetic"), where)
+    try:  # the optimizer's own checks (ranges, enum values), on a throw-away module
+        create_optimizer(run.optimizer, nn.Linear(1, 1), **run.opt_args, lr=opts.get("lr", 1e-3))
+    except (ValueError, TypeError) as e:
+        raise PlanError(f"arms '{run.arm}'.opt_args: {e}") from None
+    if run.deepspeed is not None and check_files:
+        _check_deepspeed_batch(run, where)
+
+
+def _check_data(source: str, where: str) -> None:
+    if source in ("synthetic", "fineweb"):
+        return
+    path = Path(source)
+    if not path.is_file():
+        raise PlanError(f"{where}: train.data file not found: {path.resolve()} (relative paths "
+                        f"are read from the current directory {Path.cwd()}; set STRATOPT_SHARED "
+                        f"if the plan uses ${{STRATOPT_SHARED:-...}})")
+    if path.suffix not in READERS:
+        raise PlanError(f"{where}: train.data {source!r}: expected 'synthetic', 'fineweb' or a "
+                        f"{'/'.join(READERS)} file")
+
+
+def _check_deepspeed_batch(run: Run, where: str) -> None:
+    config = json.loads(Path(run.deepspeed.config).read_text())
+    gas = int(config.get("gradient_accumulation_steps", 1))
+    batch = run.train.get("batch_size")
+    if batch is None:
+        raise PlanError(f"{where}: a deepspeed size needs train option batch_size (the global "
+                        f"batch = micro-batch x accumulation x GPUs)")
+    if batch % (gas * run.deepspeed.num_gpus):
+        raise PlanError(f"{where}: batch_size {batch} is not divisible by gradient_accumulation"
+                        f"_steps x num_gpus = {gas} x {run.deepspeed.num_gpus}")
+    clips = run.opt_args.get("clip", preset_defaults(run.optimizer)["clip"]) != "none"
+    if clips and config.get("gradient_clipping"):
+        raise PlanError(f"{where}: {run.deepspeed.config} sets gradient_clipping and "
+                        f"{run.optimizer} clips itself; that would clip twice")
+
+
+# ------------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def expand_env(value: str, where: str) -> str:
+    """``${NAME}`` and ``${NAME:-default}`` from the environment (as in a POSIX shell)."""
+    def replace(m: re.Match) -> str:
+        name, default = m.group(1), m.group(2)
+        if os.environ.get(name):
+            return os.environ[name]
+        if default is None:
+            raise PlanError(f"{where}: environment variable {name} is not set and {value!r} "
+                            f"gives no default (write ${{{name}:-default}})")
+        return default
+    return ENV_RE.sub(replace, value)
+
+
+def resolve_path(value: Any, where: str, must_exist: bool = True) -> Path:
+    if not isinstance(value, str) or not value:
+        raise PlanError(f"{where}: expected a file path, got {value!r}")
+    path = Path(expand_env(value, where))
+    if must_exist and not path.is_file():
+        raise PlanError(f"{where}: file not found: {path.resolve()} (relative paths are read "
+                        f"from the current directory {Path.cwd()})")
+    return path.resolve()
+
+
+def _check_keys(body: dict, allowed: tuple, where: str, required: tuple = ()) -> None:
+    prefix = f"{where}: " if where else ""
+    for key in body:
+        if key not in allowed:
+            raise PlanError(f"{prefix}unknown key {key!r}; allowed: {', '.join(allowed)}")
+    for key in required:
+        if key not in body:
+            raise PlanError(f"{prefix}missing required key {key!r}")
+
+
+def _name(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise PlanError(f"{where}: {value!r} is not a valid name (letters, digits, '.', '_', "
+                        f"'-'; it becomes a directory name)")
+    return value
+
+
+def _bool(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise PlanError(f"{where}: expected true or false, got {value!r}")
+    return value
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _kind(x: Any) -> str:
+    return f"{type(x).__name__} {x!r}"[:80]

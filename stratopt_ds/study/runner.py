@@ -1,0 +1,344 @@
+"""Run every job of a plan through the training entry, resumably, and record every failure.
+
+Each run is a subprocess: ``python -m stratopt_ds.train`` on one process, or the ``deepspeed``
+launcher when the plan's size names a DeepSpeed config. On each invocation a run is
+
+* skipped when it finished (summary.json with status ok),
+* skipped and counted as a failure when it diverged or crashed before (``--retry-failed`` runs
+  it again with the *same* seeds: a failure is never re-seeded),
+* resumed with ``--resume`` when it has a complete checkpoint but no summary (it was killed),
+* started from scratch otherwise.
+
+A run that is killed by the runner itself (Ctrl-C / SIGTERM) is not a failure: it resumes next time.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+from tqdm import tqdm
+
+from .plan import Plan, PlanError, Run, load_plan
+from .results import (DIVERGED, EVENTS_FILE, FAILED, FAILURES, INTERRUPTED, LOG_FILE, OK, PENDING,
+                      PID_FILE, PLAN_COPY, SPEC_FILE, STATUS_FILE, STUDY_FILE, RunState, read_json,
+                      run_state)
+
+
+class StudyError(RuntimeError):
+    """The study cannot go on as asked (the message says why and what to do)."""
+
+
+class Interrupted(Exception):
+    """SIGTERM, turned into an exception so the runner stops its runs and keeps their state."""
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def run_study(plan_path: str | Path, out: str | Path, jobs: int = 1, retry_failed: bool = False,
+              progress: bool = True) -> dict[str, int]:
+    """Run what is left of the plan's runs; return the count of runs per final state."""
+    plan = load_plan(plan_path)
+    out = Path(out)
+    if jobs < 1:
+        raise StudyError(f"--jobs must be >= 1, got {jobs}")
+    if jobs > 1 and any(size.deepspeed for size in plan.sizes):
+        raise StudyError(f"--jobs {jobs}: this plan launches deepspeed on all GPUs of the machine; "
+                         f"run its jobs one at a time (--jobs 1)")
+    out.mkdir(parents=True, exist_ok=True)
+    with study_lock(out):
+        return StudyRunner(plan, Path(plan_path), out, jobs, retry_failed, progress).run()
+
+
+@contextlib.contextmanager
+def study_lock(out: Path):
+    """One runner per study directory: two would train the same run twice."""
+    with open(out / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StudyError(f"another runner is working on {out}") from None
+        yield
+
+
+class StudyRunner:
+    def __init__(self, plan: Plan, plan_file: Path, out: Path, jobs: int, retry_failed: bool,
+                 progress: bool):
+        self.plan, self.plan_file, self.out, self.jobs = plan, plan_file, out, jobs
+        self.retry_failed, self.progress = retry_failed, progress
+        self.stopping = threading.Event()
+        self.active: dict[str, subprocess.Popen] = {}
+        self.lock = threading.Lock()
+
+    # -- planning --------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, int]:
+        runs = self.plan.runs()
+        states = {run.key: self.prepare(run) for run in runs}  # refuses a conflicting study
+        shutil.copyfile(self.plan_file, self.out / PLAN_COPY)   # the report reads it from here
+        todo = [run for run in runs if states[run.key].status in (PENDING, INTERRUPTED)]
+        counts = {s: sum(st.status == s for st in states.values())
+                  for s in (OK, DIVERGED, FAILED)}
+        print(f"study {self.plan.name}: {len(runs)} runs | {counts[OK]} done, "
+              f"{counts[DIVERGED] + counts[FAILED]} failed earlier (not retried), "
+              f"{len(todo)} to run | {self.out}", file=sys.stderr)
+        started = time.time()
+        session = {"started": now(), "runs_to_do": len(todo)}
+        try:
+            self.execute(todo, done=len(runs) - len(todo))
+        finally:
+            session.update(ended=now(), seconds=time.time() - started,
+                           interrupted=self.stopping.is_set())
+            self.record_session(session)
+        final = [run_state(run.directory(self.out)).status for run in runs]
+        return {s: final.count(s) for s in (OK, DIVERGED, FAILED, INTERRUPTED, PENDING)}
+
+    def prepare(self, run: Run) -> RunState:
+        """The run's state; clears an old failure first when --retry-failed asks for it."""
+        run_dir = run.directory(self.out)
+        self.check_not_running(run, run_dir)
+        self.check_same_spec(run, run_dir)
+        state = run_state(run_dir)
+        if state.status in FAILURES and self.retry_failed:
+            # Same seeds, same options: resumes from its newest checkpoint if it has one.
+            for name in ("summary.json", STATUS_FILE):
+                (run_dir / name).unlink(missing_ok=True)
+            state = run_state(run_dir)
+        return state
+
+    def check_same_spec(self, run: Run, run_dir: Path) -> None:
+        saved = read_json(run_dir / SPEC_FILE)
+        if saved is None:
+            return
+        mine = json.loads(json.dumps(self.spec(run)))
+        changed = [k for k in mine if saved.get(k) != mine[k]]
+        if changed:
+            raise StudyError(f"{run_dir} was run with other settings ({', '.join(changed)}: "
+                             f"{[saved.get(k) for k in changed]} before, "
+                             f"{[mine[k] for k in changed]} now); use another --out")
+
+    @staticmethod
+    def check_not_running(run: Run, run_dir: Path) -> None:
+        """A training process left behind by a runner that was killed may still be writing."""
+        pid_file = run_dir / PID_FILE
+        if not pid_file.is_file():
+            return
+        pid = pid_file.read_text().strip()
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            cmdline = ""
+        if str(run_dir) in cmdline:
+            raise StudyError(f"run {run.key} is still being trained by process {pid} (left by an "
+                             f"earlier runner); wait for it to end or kill it")
+        pid_file.unlink(missing_ok=True)
+
+    # -- execution -------------------------------------------------------------------------------
+
+    def execute(self, todo: list[Run], done: int) -> None:
+        bar = tqdm(total=done + len(todo), initial=done, desc=f"study {self.plan.name}",
+                   unit="run", disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
+        failed = 0
+        previous = signal.signal(signal.SIGTERM, raise_interrupted) \
+            if threading.current_thread() is threading.main_thread() else None
+        pool = ThreadPoolExecutor(max_workers=self.jobs)
+        try:
+            futures = {pool.submit(self.train, run): run for run in todo}
+            for future in as_completed(futures):
+                state = future.result()
+                if state is None:
+                    continue  # stopped by us
+                if state.status in FAILURES:
+                    failed += 1
+                    bar.write(f"FAILED {futures[future].key}: {state.status}: {state.reason}")
+                bar.update(1)
+                bar.set_postfix(failed=failed)
+        except BaseException as e:  # Ctrl-C, SIGTERM, or a run that could not be launched
+            self.stop()
+            if isinstance(e, (KeyboardInterrupt, Interrupted)):
+                bar.write("interrupted: running runs were stopped; they resume from their last "
+                          "checkpoint on the next invocation")
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            bar.close()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+    def stop(self) -> None:
+        """Stop every running run (the whole process group: the deepspeed launcher has children)."""
+        with self.lock:  # no run can start after this (train() checks under the same lock)
+            self.stopping.set()
+            procs = list(self.active.values())
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+
+    def train(self, run: Run) -> Optional[RunState]:
+        """One attempt at one run; None when the runner stopped it."""
+        if self.stopping.is_set():
+            return None
+        run_dir = run.directory(self.out)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        resume = run_state(run_dir).status == INTERRUPTED
+        spec = self.spec(run)
+        (run_dir / SPEC_FILE).write_text(json.dumps(spec, indent=1) + "\n")
+        argv = self.command(run, run_dir, spec["steps"], resume)
+        started = time.time()
+        with open(run_dir / LOG_FILE, "a") as log:
+            log.write(f"\n==== {now()} {'resume' if resume else 'start'}: {' '.join(argv)}\n")
+            log.flush()
+            # A session of its own: Ctrl-C reaches only the runner, which then stops the run
+            # itself (and knows it did), instead of the run dying first and looking failed.
+            with self.lock:
+                if self.stopping.is_set():
+                    return None
+                proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True, env=self.environment())
+                self.active[run.key] = proc
+            (run_dir / PID_FILE).write_text(str(proc.pid))
+            returncode = proc.wait()
+        with self.lock:
+            self.active.pop(run.key, None)
+        (run_dir / PID_FILE).unlink(missing_ok=True)
+        if self.stopping.is_set():
+            return None
+        state = self.outcome(run_dir, returncode)
+        record = {"run": run.key, "status": state.status, "reason": state.reason,
+                  "returncode": returncode, "resumed": resume, "seconds": time.time() - started,
+                  "finished": now()}
+        (run_dir / STATUS_FILE).write_text(json.dumps(record, indent=1) + "\n")
+        with self.lock, open(self.out / EVENTS_FILE, "a") as events:
+            events.write(json.dumps(record) + "\n")
+        if state.status == OK and self.plan.cleanup_checkpoints:
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        return state
+
+    @staticmethod
+    def outcome(run_dir: Path, returncode: int) -> RunState:
+        """train.py's own verdict when it wrote one; otherwise the exit code and the log's end."""
+        state = run_state(run_dir)
+        if state.status == DIVERGED:
+            summary = read_json(run_dir / "summary.json") or {}
+            return RunState(DIVERGED, divergence_reason(summary))
+        if state.status in (OK, FAILED):
+            return state
+        return RunState(FAILED, f"exit code {returncode}, no summary.json; log: "
+                                f"{last_line(run_dir / LOG_FILE)}")
+
+    # -- commands --------------------------------------------------------------------------------
+
+    def spec(self, run: Run) -> dict[str, Any]:
+        """Everything that defines the run; a later invocation must agree with it."""
+        steps = self.steps(run)
+        return {"run": run.key, "seed": run.seed, "data_seed": run.data_seed, "steps": steps,
+                "train_args": run.train_args(steps),
+                "deepspeed": run.deepspeed and vars(run.deepspeed)}
+
+    def command(self, run: Run, run_dir: Path, steps: int, resume: bool) -> list[str]:
+        args = run.train_args(steps) + ["--out", str(run_dir), "--no-progress"]
+        if "save_every" not in run.train:  # resumable by default: ~10 checkpoints per run
+            args += ["--save-every", str(max(1, math.ceil(steps / 10)))]
+        if resume:
+            args.append("--resume")
+        if run.deepspeed is None:
+            return [sys.executable, "-m", "stratopt_ds.train", *args]
+        config = write_deepspeed_config(run, run_dir)
+        launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+        return [launcher, "--num_gpus", str(run.deepspeed.num_gpus), "--module",
+                "stratopt_ds.train", "--deepspeed_config", str(config), *args]
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        if self.jobs > 1 and "OMP_NUM_THREADS" not in env:  # share the cores, don't fight over them
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.jobs))
+        return env
+
+    def steps(self, run: Run) -> int:
+        """The plan's steps, or its epochs turned into steps (counted once, cached in OUT)."""
+        if "steps" in run.train:
+            return int(run.train["steps"])
+        return epoch_steps(run, self.out / "epoch_steps.json")
+
+    def record_session(self, session: dict) -> None:
+        path = self.out / STUDY_FILE
+        study = read_json(path) or {"plan": self.plan.name, "sessions": []}
+        study["sessions"].append(session)
+        path.write_text(json.dumps(study, indent=1) + "\n")
+
+
+def raise_interrupted(signum, frame) -> None:
+    raise Interrupted()
+
+
+def write_deepspeed_config(run: Run, run_dir: Path) -> Path:
+    """The shipped config without its "optimizer" section: the arm's optimizer and --lr apply
+    (train.py refuses --optimizer when the config names another one)."""
+    config = json.loads(Path(run.deepspeed.config).read_text())
+    config.pop("optimizer", None)
+    path = run_dir / "ds_config.json"
+    path.write_text(json.dumps(config, indent=1) + "\n")
+    return path
+
+
+def epoch_steps(run: Run, cache_file: Path) -> int:
+    """steps = epochs x training windows / batch size, for the corpus the run will build."""
+    from .. import data, models
+    from ..train import build_parser
+
+    defaults = vars(build_parser().parse_args([]))
+    preset = models.preset(run.preset)
+    opts = {**{k: defaults[k] for k in ("data", "tokenizer", "val_windows", "bpe_vocab",
+                                        "max_docs")},
+            "seq_len": preset["seq_len"], "batch_size": preset["batch_size"], **run.train}
+    key = json.dumps({k: opts[k] for k in ("data", "tokenizer", "val_windows", "bpe_vocab",
+                                           "max_docs", "seq_len")}, sort_keys=True)
+    cache = read_json(cache_file) or {}
+    if key not in cache:
+        corpus = data.prepare_corpus(opts["data"], opts["tokenizer"], opts["seq_len"],
+                                     opts["val_windows"], opts["bpe_vocab"], None,
+                                     opts["max_docs"])
+        cache[key] = len(corpus.train)
+        cache_file.write_text(json.dumps(cache, indent=1) + "\n")
+    steps = int(run.train["epochs"] * cache[key] // opts["batch_size"])
+    if steps < 1:
+        raise PlanError(f"run {run.key}: {run.train['epochs']} epoch(s) of {cache[key]} training "
+                        f"windows at batch size {opts['batch_size']} is less than one step")
+    return steps
+
+
+def divergence_reason(summary: dict) -> str:
+    done, total = summary.get("steps_done"), summary.get("steps")
+    if done is not None and total is not None and done < total:
+        return (f"diverged at step {done} of {total}: non-finite loss or skipped updates "
+                f"(last loss {summary.get('last_loss')})")
+    return f"diverged: final validation loss {summary.get('val_loss')} is not finite"
+
+
+def last_line(path: Path) -> str:
+    try:
+        lines = [line.strip() for line in Path(path).read_text(errors="replace").splitlines()]
+    except FileNotFoundError:
+        return "(no log)"
+    lines = [line for line in lines if line and not line.startswith("====")]
+    return lines[-1][:300] if lines else "(empty log)"

@@ -1,0 +1,202 @@
+"""The study runner end to end on the tiny model: real training subprocesses, the report with
+its tables and figures, skipping finished runs, recording (never re-seeding) a diverging arm,
+and resuming a killed run from its checkpoint to the same losses as an uninterrupted one."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from stratopt_ds.study.report import write_report
+from stratopt_ds.study.results import DIVERGED, INTERRUPTED, OK, PID_FILE, run_state
+from stratopt_ds.study.runner import StudyError, run_study
+
+ROOT = Path(__file__).resolve().parents[1]
+CI_PLAN = ROOT / "stratopt_ds" / "study" / "plans" / "ci_tiny.yaml"
+# An lr of 1e4 blows AdamW up within a few steps; after 3 skipped updates train.py stops the
+# run as diverged (exit code 3, summary status "diverged").
+DIVERGING_ARM = {"name": "adamw-hot", "optimizer": "adamw", "lr": 1.0e4, "diverge_after": 3}
+
+
+def write_plan(directory: Path, edit=None) -> Path:
+    raw = yaml.safe_load(CI_PLAN.read_text())
+    if edit:
+        edit(raw)
+    path = directory / "plan.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def events(out: Path) -> list[dict]:
+    path = out / "runs.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """ci_tiny (2 arms x 2 seeds x 20 steps) plus the diverging arm, run with 2 jobs, reported."""
+    base = tmp_path_factory.mktemp("study")
+    plan = write_plan(base, lambda p: p["arms"].append(DIVERGING_ARM))
+    out = base / "out"
+    counts = run_study(plan, out, jobs=2, progress=False)
+    md, js = write_report(out)
+    return {"plan": plan, "out": out, "counts": counts, "md": md.read_text(),
+            "report": json.loads(js.read_text())}
+
+
+def test_runs_end_to_end_and_the_diverging_arm_is_recorded(study):
+    out = study["out"]
+    assert study["counts"][OK] == 4 and study["counts"][DIVERGED] == 2
+    for arm in ("adamw", "stratopt"):
+        for seed, data_seed in ((0, 100), (1, 101)):
+            run_dir = out / "tiny" / arm / f"seed{seed}"
+            summary = json.loads((run_dir / "summary.json").read_text())
+            assert summary["status"] == "ok" and summary["steps_done"] == 20
+            assert (summary["seed"], summary["data_seed"]) == (seed, data_seed)
+            assert not (run_dir / "checkpoints").exists()  # cleaned once the run succeeded
+    for seed in (0, 1):
+        status = json.loads((out / "tiny" / "adamw-hot" / f"seed{seed}" / "status.json")
+                            .read_text())
+        assert status["status"] == DIVERGED and status["returncode"] == 3
+        assert status["reason"].startswith("diverged at step")
+
+
+def test_report_has_the_tables_and_counts_the_failures(study):
+    report, md = study["report"], study["md"]
+    assert report["headline"]["adamw"]["tiny"]["n"] == 2
+    hot = report["headline"]["adamw-hot"]["tiny"]
+    assert hot["n"] == 0 and hot["failed"] == 2 and hot["mean"] is None
+    assert [f["run"] for f in report["failures"]] == ["tiny/adamw-hot/seed0",
+                                                      "tiny/adamw-hot/seed1"]
+    comparisons = {c["arm"]: c for c in report["comparisons"]["tiny"]}
+    assert comparisons["stratopt"]["p"] is not None and comparisons["adamw-hot"]["test"] == "none"
+    assert "no layer-adaptive" in report["factorial"]["tiny"]["skipped"]  # no la-* arm here
+    assert report["wall_time_s"] > 0 and report["compute_time_s"] > 0
+    # The Markdown: headline table in the seed's shape, the significance table, the failures.
+    assert "| optimizer | tiny |" in md
+    cell = report["headline"]["stratopt"]["tiny"]
+    mean, std = cell["mean"], cell["std"]
+    assert f"| stratopt | {mean:.4f} ± {std:.4f} (2) |" in md
+    assert "| adamw-hot | – (0) [2 failed] |" in md
+    assert ("| arm | Δ mean | 99% CI | p | Holm p | significant | Hedges' g | TOST p (±0.01) |"
+            in md)
+    assert "| tiny/adamw-hot/seed0 | diverged | diverged at step" in md
+    assert "wall time of the study" in md
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.width > 300 and image.height > 250
+        return np.asarray(image.convert("RGB")).astype(int)
+
+
+def share(px: np.ndarray, rgb: tuple[int, int, int], tol: int = 30) -> float:
+    """Fraction of pixels within tol of a colour."""
+    return float((np.abs(px - np.array(rgb)).max(axis=-1) <= tol).mean())
+
+
+TAB_BLUE, TAB_RED, BLACK = (31, 119, 180), (214, 39, 40), (0, 0, 0)
+
+
+def test_plots_are_pngs_that_show_what_they_claim(study):
+    out, plots = study["out"] / "report", study["report"]["plots"]["tiny"]
+    assert set(plots) == {"val_curves", "final_loss", "grad_norm_heatmap", "alpha"}
+    for name in plots:
+        assert f"]({plots[name]})" in study["md"]
+        px = pixels(out / plots[name])
+        assert len(np.unique(px.reshape(-1, 3), axis=0)) > 50  # not blank, not a single colour
+    curves = pixels(out / plots["val_curves"])   # the AdamW baseline in black, StratOpt in blue
+    assert share(curves, BLACK, 40) > 0.002 and share(curves, TAB_BLUE) > 0.002
+    strip = pixels(out / plots["final_loss"])
+    assert share(strip, TAB_BLUE, 60) > 0.0001   # two markers of StratOpt's seeds
+    heat = pixels(out / plots["grad_norm_heatmap"])  # RdBu: layers above and below the median
+    reds = ((heat[..., 0] > 150) & (heat[..., 2] < 120)).mean()
+    blues = ((heat[..., 2] > 150) & (heat[..., 0] < 120)).mean()
+    assert reds > 0.01 and blues > 0.01
+    alpha = pixels(out / plots["alpha"])      # boxes (blue) with median lines (red)
+    assert share(alpha, TAB_BLUE, 60) > 0.0002 and share(alpha, TAB_RED, 60) > 0.0001
+
+
+def test_rerun_skips_finished_and_failed_runs_and_retry_keeps_the_seeds(study):
+    out, plan = study["out"], study["plan"]
+    before = events(out)
+    assert len(before) == 6
+    counts = run_study(plan, out, jobs=2, progress=False)
+    assert counts[OK] == 4 and counts[DIVERGED] == 2 and events(out) == before  # nothing ran
+    counts = run_study(plan, out, jobs=2, retry_failed=True, progress=False)
+    retried = events(out)[6:]
+    assert sorted(e["run"] for e in retried) == ["tiny/adamw-hot/seed0", "tiny/adamw-hot/seed1"]
+    assert counts[DIVERGED] == 2  # the same seeds diverge again: a failure is not re-seeded away
+    summary = json.loads((out / "tiny" / "adamw-hot" / "seed1" / "summary.json").read_text())
+    assert (summary["seed"], summary["data_seed"]) == (1, 101)
+
+
+def test_a_changed_plan_cannot_reuse_the_study_directory(study, tmp_path):
+    changed = write_plan(tmp_path, lambda p: (p["arms"].append(DIVERGING_ARM),
+                                              p["train"].update(steps=30)))
+    with pytest.raises(StudyError, match="was run with other settings \\(steps"):
+        run_study(changed, study["out"], progress=False)
+    assert yaml.safe_load((study["out"] / "plan.yaml").read_text())["train"]["steps"] == 20
+
+
+def long_single_run(p: dict) -> None:
+    p["arms"] = [p["arms"][0]]
+    p["seeds"] = {"init": [0], "data": [100]}
+    p["train"].update(steps=60, save_every=10, eval_every=30)
+
+
+def test_killed_run_resumes_from_its_checkpoint_with_the_same_losses(tmp_path, monkeypatch):
+    # One thread per run: the tiny model gains nothing from two, and on a busy machine spinning
+    # OpenMP threads make each step several times slower.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    plan = write_plan(tmp_path, long_single_run)
+    out = tmp_path / "killed"
+    run_dir = out / "tiny" / "adamw" / "seed0"
+    runner = subprocess.Popen([sys.executable, "-m", "stratopt_ds.study", "run", str(plan),
+                               "--out", str(out), "--no-progress"], cwd=ROOT,
+                              start_new_session=True, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoints" / "latest").is_file():
+        assert runner.poll() is None and time.time() < deadline, runner.stderr.read()
+        time.sleep(0.01)
+    trainer = int((run_dir / PID_FILE).read_text())
+    runner.send_signal(signal.SIGTERM)  # the runner stops its run and records no failure
+    assert runner.wait(timeout=60) == 143
+    assert trainer_gone(trainer)
+    assert run_state(run_dir).status == INTERRUPTED
+    assert not (run_dir / "summary.json").exists() and not (run_dir / "status.json").exists()
+    assert events(out) == []
+
+    assert run_study(plan, out, progress=False)[OK] == 1
+    assert [e["resumed"] for e in events(out)] == [True]
+    log = (run_dir / "train.log").read_text()
+    attempts = [line for line in log.splitlines() if line.startswith("==== ")]
+    assert len(attempts) == 2 and "--resume" not in attempts[0] and attempts[1].endswith("--resume")
+    assert "resumed from" in log
+    resumed = json.loads((run_dir / "summary.json").read_text())
+    assert 10 <= resumed["resumed_from"] < 60
+
+    reference = tmp_path / "straight"
+    assert run_study(plan, reference, progress=False)[OK] == 1
+    straight = json.loads((reference / "tiny" / "adamw" / "seed0" / "summary.json").read_text())
+    assert straight["resumed_from"] is None and len(resumed["losses"]) == 60
+    np.testing.assert_allclose(resumed["losses"], straight["losses"], rtol=1e-6)
+    np.testing.assert_allclose([v for _, v in resumed["val_losses"]],
+                               [v for _, v in straight["val_losses"]], rtol=1e-6)
+
+
+def trainer_gone(pid: int) -> bool:
+    """The pid may exist again as an unrelated process; ours would still name stratopt_ds.train."""
+    try:
+        return b"stratopt_ds.train" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True
