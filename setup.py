@@ -32,6 +32,7 @@ setup(
     version="0.1.0",
     description="Layer-adaptive optimizers (StratOpt and family) for DeepSpeed LLM pretraining",
     packages=find_packages(include=["stratopt_ds", "stratopt_ds.*"]),
+    package_data={"stratopt_ds.study": ["plans/*.yaml", "README.md"]},
     python_requires=">=3.10",
     # torch is deliberately a floor, not a pin: an installed torch must never be upgraded.
     install_requires=["torch>=2.1", "numpy", "tqdm"],

@@ -276,13 +276,20 @@ def lm_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> to
 
 @torch.no_grad()
 def evaluate(model: nn.Module, windows: torch.Tensor, batch_size: int, max_batches: int,
-             device: torch.device) -> float:
-    """Mean loss over the (fixed) validation windows."""
+             device: torch.device, chunk: Optional[int] = None) -> float:
+    """Mean loss over the (fixed) validation windows: the first ``batch_size * max_batches``.
+
+    They go through the model ``chunk`` windows at a time (under DeepSpeed the micro-batch), so
+    evaluating a large global batch never needs its logits in memory at once.
+    """
     model.eval()
+    chunk = chunk or batch_size
     total, count = 0.0, 0
     for inputs, targets in data.val_batches(windows, batch_size, max_batches):
-        total += lm_loss(model, inputs.to(device), targets.to(device)).item() * targets.numel()
-        count += targets.numel()
+        for lo in range(0, len(inputs), chunk):
+            x, y = inputs[lo:lo + chunk].to(device), targets[lo:lo + chunk].to(device)
+            total += lm_loss(model, x, y).item() * y.numel()
+            count += y.numel()
     model.train()
     return total / count
 
@@ -463,7 +470,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         if args.eval_batches and (is_eval_step or status == "diverged"):
             t_eval = time.perf_counter()
             val = evaluate(run.model, corpus.val, args.batch_size, args.eval_batches,
-                           getattr(run.model, "device", device))
+                           getattr(run.model, "device", device), getattr(run, "micro", None))
             history["eval_time"] += time.perf_counter() - t_eval
             val_losses.append((step, val))
             log.write({"step": step, "val_loss": finite_or_none(val), "tokens": history["tokens"],

@@ -392,3 +392,13 @@ def test_data_auto_is_fineweb_only_when_the_hub_answers(monkeypatch):
     monkeypatch.setattr(data.socket, "create_connection", unreachable)
     assert data.resolve_source("auto") == "synthetic"
     assert data.resolve_source("some.txt") == "some.txt"
+
+
+def test_evaluation_in_chunks_equals_one_pass():
+    torch.manual_seed(0)
+    model = models.build_model("tiny", 257, 16, seed=0)
+    windows = torch.randint(0, 257, (12, 17))
+    whole = train.evaluate(model, windows, 6, 2, torch.device("cpu"))
+    chunked = train.evaluate(model, windows, 6, 2, torch.device("cpu"), chunk=4)
+    assert chunked == pytest.approx(whole, rel=1e-6)
+    assert train.evaluate(model, windows, 6, 1, torch.device("cpu")) != pytest.approx(whole, rel=1e-6)
