@@ -219,7 +219,8 @@ def check_deepspeed_config(parser: argparse.ArgumentParser, args: argparse.Names
         config_lr = params.pop("lr", None)
         if config_lr is not None and not lr_given:
             args.lr = float(config_lr)  # the config's lr, unless --lr says otherwise
-    args.ranks = int(os.environ.get("WORLD_SIZE", "1"))  # set by the deepspeed launcher
+    # set by the deepspeed launcher (mpirun sets OMPI_*); DeepSpeedRun checks again after init
+    args.ranks = int(os.environ.get("WORLD_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or 1)
     gas = int(config.get("gradient_accumulation_steps", 1))
     if args.batch_size % (args.ranks * gas):
         parser.error(f"--batch-size {args.batch_size} is not divisible by ranks x "
@@ -326,7 +327,7 @@ class SingleProcess:
     def load(self, directory: Path, tag: str) -> dict:
         return checkpoints.load_single(directory, tag, self.model, self.optimizer, self.scheduler)
 
-    def barrier(self) -> None:
+    def close(self) -> None:
         pass
 
 
@@ -351,6 +352,7 @@ class DeepSpeedRun:
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
         self.gas = int(config.get("gradient_accumulation_steps", 1))
+        self.check_ranks_agree(args)
         self.micro = args.batch_size // (self.world * self.gas)
         config["train_micro_batch_size_per_gpu"] = self.micro
         config.pop("train_batch_size", None)
@@ -359,8 +361,28 @@ class DeepSpeedRun:
         self.model, _, _, _ = initialize(model=model, config=config, lr_scheduler=make_schedule)
         self.optimizer = self.model.basic_optimizer
 
+    def check_ranks_agree(self, args) -> None:
+        """What check_args could not know before the process group: the true number of ranks
+        (launchers that set no WORLD_SIZE, e.g. mpirun) and one data source on every rank
+        ('--data auto' is decided per rank)."""
+        if args.batch_size % (self.world * self.gas):
+            raise SystemExit(f"--batch-size {args.batch_size} is not divisible by ranks x "
+                             f"gradient_accumulation_steps = {self.world} x {self.gas}")
+        sources = [None] * self.world
+        self.dist.all_gather_object(sources, args.data)
+        if len(set(sources)) > 1:
+            raise SystemExit(f"--data: the ranks chose different sources {sorted(set(sources))} "
+                             "('auto' depends on whether each node reaches the hub); pass --data "
+                             "explicitly")
+        args.ranks = self.world
+
     def lr(self) -> float:
         return self.model.get_lr()[0]
+
+    def close(self) -> None:
+        """Leave the process group cleanly: gloo can abort a process that exits without it."""
+        self.dist.barrier()
+        self.dist.destroy_process_group()
 
     def train_step(self, inputs, targets, device) -> float:
         losses = []
@@ -380,9 +402,6 @@ class DeepSpeedRun:
 
     def load(self, directory: Path, tag: str) -> dict:
         return checkpoints.load_deepspeed(directory, tag, self.model)
-
-    def barrier(self) -> None:
-        self.dist.barrier()
 
 
 def norm_reducer(opt):
@@ -520,6 +539,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             path.with_suffix(".json.tmp").write_text(json.dumps(summary, indent=2) + "\n")
             os.replace(path.with_suffix(".json.tmp"), path)
         print_summary(summary)
+    run.close()
     return summary
 
 
