@@ -185,6 +185,21 @@ def test_parse_opt_args():
 # Bad options fail before any work, naming the option
 
 
+def assert_refused_before_any_work(argv, words, capsys, monkeypatch):
+    """main(argv) exits with a usage error naming every word, before data or model exist."""
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the options were checked")
+
+    monkeypatch.setattr(data, "prepare_corpus", no_work)
+    monkeypatch.setattr(models, "build_model", no_work)
+    with pytest.raises(SystemExit) as exc:
+        train.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    for word in words:
+        assert word in err, (word, err)
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--optimizer", "nope"], ["--optimizer", "'nope'", "stratopt", "adamw"]),
     (["--data", "/no/such/file.txt"], ["--data", "/no/such/file.txt", "not found"]),
@@ -197,17 +212,7 @@ def test_parse_opt_args():
     (["--opt-args", "lr=0.1"], ["--opt-args", "--lr"]),
 ])
 def test_bad_options_exit_with_a_clear_message(argv, words, capsys, monkeypatch):
-    def no_work(*args, **kwargs):
-        raise AssertionError("work started before the options were checked")
-
-    monkeypatch.setattr(data, "prepare_corpus", no_work)
-    monkeypatch.setattr(models, "build_model", no_work)
-    with pytest.raises(SystemExit) as exc:
-        train.main(argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    for word in words:
-        assert word in err, (word, err)
+    assert_refused_before_any_work(argv, words, capsys, monkeypatch)
 
 
 def write_ds_config(tmp_path, **overrides) -> str:
@@ -236,8 +241,6 @@ def test_bad_deepspeed_settings_fail_before_any_process_group(tmp_path, override
                                                               capsys, monkeypatch):
     """The launcher sets WORLD_SIZE; every check runs before deepspeed.init_distributed."""
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr(data, "prepare_corpus", lambda *a, **k: (_ for _ in ()).throw(
-        AssertionError("work started before the options were checked")))
     argv = ["--deepspeed_config", write_ds_config(tmp_path, **overrides), "--batch-size", "16",
             *extra]
     if not words:
@@ -245,12 +248,7 @@ def test_bad_deepspeed_settings_fail_before_any_process_group(tmp_path, override
         assert args.optimizer == "stratopt" and args.hyperparams["clip"] == "global"
         assert args.lr == 1e-3 and args.ranks == 2  # the config's lr when --lr is not given
         return
-    with pytest.raises(SystemExit) as exc:
-        train.main(argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    for word in words:
-        assert word in err, (word, err)
+    assert_refused_before_any_work(argv, words, capsys, monkeypatch)
     assert not torch.distributed.is_initialized()
 
 
