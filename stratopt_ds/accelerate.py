@@ -34,7 +34,8 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Mapping, Optional
 
-from .deepspeed import load_config, offloads_optimizer, prepare_config, resolve_optimizer_name
+from .deepspeed import (load_config, offloads_optimizer, optimizer_clips, prepare_config,
+                        resolve_optimizer_name)
 from .optim import LayerwiseAdam
 
 
@@ -99,14 +100,6 @@ def check_section_matches_optimizer(section: Mapping[str, Any], optimizer: Layer
         raise ValueError("the DeepSpeed config's optimizer section disagrees with the optimizer "
                          "passed (it would be silently ignored):\n  " + "\n  ".join(bad) +
                          '\nset these to "auto", remove them, or remove the "optimizer" key')
-
-
-def optimizer_clips(optimizer: Any) -> tuple[bool, str]:
-    """(clips its own gradients, clip mode) of an optimizer; non-stratopt ones never clip."""
-    if isinstance(optimizer, LayerwiseAdam):
-        mode = optimizer.layer_options["clip"]
-        return mode != "none", mode
-    return False, "none"
 
 
 def prepare_for_optimizer(config: dict, optimizer: Any) -> dict:

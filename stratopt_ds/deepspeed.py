@@ -89,8 +89,12 @@ def prepare_config(config: dict, optimizer_clips: bool, clip_mode: str = "layer"
     return config
 
 
-def _optimizer_clips(optimizer: Any) -> bool:
-    return isinstance(optimizer, LayerwiseAdam) and optimizer.layer_options["clip"] != "none"
+def optimizer_clips(optimizer: Any) -> tuple[bool, str]:
+    """(clips its own gradients, clip mode) of an optimizer; non-stratopt ones never clip."""
+    if isinstance(optimizer, LayerwiseAdam):
+        mode = optimizer.layer_options["clip"]
+        return mode != "none", mode
+    return False, "none"
 
 
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None,
@@ -117,7 +121,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         del config["optimizer"]
         model_parameters = None
     if isinstance(optimizer, LayerwiseAdam) or name is not None:
-        prepare_config(config, _optimizer_clips(optimizer), optimizer.layer_options["clip"])
+        prepare_config(config, *optimizer_clips(optimizer))
     if args is not None and getattr(args, "deepspeed_config", None) is not None:
         args = copy.copy(args)
         args.deepspeed_config = None  # the prepared dict is the config now

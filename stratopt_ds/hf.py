@@ -61,10 +61,11 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.training_args import OptimizerNames
 
-from .accelerate import (bind_prepared, distributed_state, optimizer_clips, refuse_foreign_optimizer_section,
-                         section_mismatches)
-from .deepspeed import load_config, offloads_optimizer, prepare_config, resolve_optimizer_name
-from .optim import LayerwiseAdam, available_optimizers, create_optimizer, preset_defaults
+from .accelerate import bind_prepared, distributed_state, refuse_foreign_optimizer_section, section_mismatches
+from .deepspeed import (load_config, offloads_optimizer, optimizer_clips, prepare_config,
+                        resolve_optimizer_name)
+from .optim import LayerwiseAdam, available_optimizers, create_optimizer
+from .optim.config import with_run_length_warmups
 
 logger = logging.getLogger(__name__)
 
@@ -362,12 +363,8 @@ class StratTrainer(Trainer):
         return self.optimizer
 
     def _build_stratopt(self, model: nn.Module) -> LayerwiseAdam:
-        hp = trainer_hyperparams(self.args)
-        mix = hp.get("mix_alpha", preset_defaults(self.args.optim)["mix_alpha"])
         steps = getattr(self.state, "max_steps", 0) or self.args.max_steps
-        if mix > 0 and steps > 0:
-            hp.setdefault("t_alpha", steps)
-            hp.setdefault("t_beta3", steps)
+        hp = with_run_length_warmups(self.args.optim, trainer_hyperparams(self.args), steps)
         groups = named_decay_groups(self, model, hp["weight_decay"])
         return create_optimizer(self.args.optim, groups, **hp)
 

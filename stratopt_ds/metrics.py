@@ -80,7 +80,7 @@ class MetricsLog:
         if self.tb is not None:
             step = record["step"]
             for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and value is not None:
+                if key != "step" and isinstance(value, (int, float)):
                     self.tb.add_scalar(f"train/{key}" if key != "val_loss" else "val/loss",
                                        value, step)
             for key in ("layer_norms", "layer_alpha"):

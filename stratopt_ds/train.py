@@ -28,6 +28,7 @@ from tqdm import tqdm
 from . import checkpoints, data, models
 from .metrics import MetricsLog, finite_or_none, optimizer_stats, print_summary
 from .optim import available_optimizers, create_optimizer, preset_defaults
+from .optim.config import with_run_length_warmups
 
 # ------------------------------------------------------------------------------------------------
 # Options
@@ -118,12 +119,7 @@ def optimizer_hyperparams(name: str, overrides: dict[str, Any], lr: float, steps
     """
     if "lr" in overrides:
         raise ValueError("set the learning rate with --lr, not in --opt-args")
-    hp = {**overrides, "lr": lr}
-    mix = hp.get("mix_alpha", preset_defaults(name)["mix_alpha"])
-    if isinstance(mix, (int, float)) and mix > 0:
-        hp.setdefault("t_alpha", steps)
-        hp.setdefault("t_beta3", steps)
-    return hp
+    return with_run_length_warmups(name, {**overrides, "lr": lr}, steps)
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
@@ -221,11 +217,17 @@ def check_deepspeed_config(parser: argparse.ArgumentParser, args: argparse.Names
             args.lr = float(config_lr)  # the config's lr, unless --lr says otherwise
     # set by the deepspeed launcher (mpirun sets OMPI_*); DeepSpeedRun checks again after init
     args.ranks = int(os.environ.get("WORLD_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or 1)
-    gas = int(config.get("gradient_accumulation_steps", 1))
-    if args.batch_size % (args.ranks * gas):
-        parser.error(f"--batch-size {args.batch_size} is not divisible by ranks x "
-                     f"gradient_accumulation_steps = {args.ranks} x {gas}")
+    try:
+        check_batch_split(args.batch_size, args.ranks, int(config.get("gradient_accumulation_steps", 1)))
+    except ValueError as e:
+        parser.error(str(e))
     return params
+
+
+def check_batch_split(batch_size: int, ranks: int, gas: int) -> None:
+    if batch_size % (ranks * gas):
+        raise ValueError(f"--batch-size {batch_size} is not divisible by ranks x "
+                         f"gradient_accumulation_steps = {ranks} x {gas}")
 
 
 def check_clipping(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -365,9 +367,10 @@ class DeepSpeedRun:
         """What check_args could not know before the process group: the true number of ranks
         (launchers that set no WORLD_SIZE, e.g. mpirun) and one data source on every rank
         ('--data auto' is decided per rank)."""
-        if args.batch_size % (self.world * self.gas):
-            raise SystemExit(f"--batch-size {args.batch_size} is not divisible by ranks x "
-                             f"gradient_accumulation_steps = {self.world} x {self.gas}")
+        try:
+            check_batch_split(args.batch_size, self.world, self.gas)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
         sources = [None] * self.world
         self.dist.all_gather_object(sources, args.data)
         if len(set(sources)) > 1:

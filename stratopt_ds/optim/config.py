@@ -78,6 +78,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def with_run_length_warmups(name: str, hyperparams: dict[str, Any], steps: int) -> dict[str, Any]:
+    """When the optimizer mixes in a slow momentum (mix_alpha > 0), its warm-ups ``t_alpha``
+    and ``t_beta3`` span the whole run of ``steps`` unless ``hyperparams`` set them."""
+    mix = hyperparams.get("mix_alpha", preset_defaults(name)["mix_alpha"])
+    if isinstance(mix, (int, float)) and mix > 0 and steps > 0:
+        hyperparams.setdefault("t_alpha", steps)
+        hyperparams.setdefault("t_beta3", steps)
+    return hyperparams
+
+
 def preset_defaults(name: str) -> dict[str, Any]:
     """All keyword defaults of a named optimizer."""
     if name not in PRESETS:
