@@ -46,9 +46,11 @@ def worker(out: str, steps: int, warmup: int) -> None:
     sys.path.insert(0, str(ROOT))
     import stratopt_ds.optim.optimizer as optimizer_module
     from stratopt_ds import create_optimizer, models
+    from stratopt_ds.deepspeed import release_cpu_comm_shm
     from stratopt_ds.zero import binding, reduction
 
     deepspeed.init_distributed(dist_backend="gloo")
+    release_cpu_comm_shm()
     rank, world = dist.get_rank(), dist.get_world_size()
     watch = Stopwatch()
     optimizer_module.local_layer_sq = watch.wrap(optimizer_module.local_layer_sq)

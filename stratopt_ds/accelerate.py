@@ -35,7 +35,7 @@ import os
 from typing import Any, Callable, Mapping, Optional
 
 from .deepspeed import (load_config, offloads_optimizer, optimizer_clips, prepare_config,
-                        resolve_optimizer_name)
+                        release_cpu_comm_shm, resolve_optimizer_name)
 from .optim import LayerwiseAdam
 
 
@@ -205,6 +205,7 @@ def distributed_state() -> bool:
             del os.environ["ACCELERATE_USE_DEEPSPEED"]
         else:
             os.environ["ACCELERATE_USE_DEEPSPEED"] = previous
+    release_cpu_comm_shm()  # DeepSpeed's CPU all-reduce would leave 66 MB per rank in /dev/shm
     return True
 
 

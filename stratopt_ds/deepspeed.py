@@ -23,7 +23,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import warnings
+from pathlib import Path
 from typing import Any, Optional
 
 from .optim import OPTIMIZER_CLASSES, available_optimizers, create_optimizer
@@ -132,7 +134,44 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     if isinstance(inner, LayerwiseAdam) and ds_optimizer is not inner:
         from .zero import attach
         attach(inner, ds_optimizer)
+    release_cpu_comm_shm()
     return engine, ds_optimizer, loader, scheduler
 
 
-__all__ = ["initialize", "load_config", "prepare_config", "resolve_optimizer_name"]
+CPU_COMM_SHM_DIR = Path("/dev/shm")
+CPU_COMM_SHM_PREFIX = "deepspeed_allreduce_buffer"  # deepspeed/ops/csrc/cpu/comm/shm.cpp
+
+
+def cpu_comm_shm_path(rank: int) -> Path:
+    """Where DeepSpeed's CPU all-reduce keeps rank ``rank``'s shared buffer for this job."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return CPU_COMM_SHM_DIR / f"{CPU_COMM_SHM_PREFIX}_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def release_cpu_comm_shm() -> Optional[Path]:
+    """Unlink this rank's name of DeepSpeed's CPU shared-memory all-reduce buffer.
+
+    On CPU, when all ranks are on one node, ``deepspeed.init_distributed`` creates one ~66 MB
+    POSIX shared-memory file per rank (``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_
+    <rank>``), maps every rank's file and never unlinks them: each job leaves world_size x 66 MB
+    of RAM behind until reboot (measured here: 17 GB after a day of test runs). The names are
+    only needed while the ranks open each other's buffers inside ``init_distributed``; after a
+    barrier every rank has done so, the mappings stay valid, and the memory is freed when the
+    processes exit, even when they crash. Collective: call it on every rank (the entry points of
+    this package do). Returns the unlinked path, or None when there was none.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    path = cpu_comm_shm_path(dist.get_rank())
+    dist.barrier()  # every rank has returned from init, so every peer buffer is mapped
+    try:
+        path.unlink()
+    except FileNotFoundError:  # GPUs, several nodes, or released already
+        return None
+    return path
+
+
+__all__ = ["initialize", "load_config", "prepare_config", "release_cpu_comm_shm",
+           "resolve_optimizer_name"]

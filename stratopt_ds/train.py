@@ -340,7 +340,7 @@ class DeepSpeedRun:
         import deepspeed
         import torch.distributed as dist
 
-        from .deepspeed import initialize
+        from .deepspeed import initialize, release_cpu_comm_shm
 
         self.dist = dist
         config = args.ds_config
@@ -352,6 +352,7 @@ class DeepSpeedRun:
             scheduler.setdefault("params", {}).update(total_num_steps=args.steps,
                                                       warmup_num_steps=args.warmup_steps)
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        release_cpu_comm_shm()  # before anything can fail: a crashed run leaves no 66 MB per rank
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
         self.gas = int(config.get("gradient_accumulation_steps", 1))
         self.check_ranks_agree(args)

@@ -2,3 +2,23 @@
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+SHM = Path("/dev/shm")
+
+
+def _cpu_comm_buffers() -> set[str]:
+    return {p.name for p in SHM.glob("deepspeed_allreduce_buffer_*")} if SHM.is_dir() else set()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leaked_deepspeed_shm():
+    """Every DeepSpeed launch of the suite must leave no CPU all-reduce buffer in /dev/shm
+    (66 MB per rank that would otherwise stay until reboot; see release_cpu_comm_shm)."""
+    before = _cpu_comm_buffers()
+    yield
+    leaked = sorted(_cpu_comm_buffers() - before)
+    assert not leaked, f"DeepSpeed shared-memory buffers left in /dev/shm: {leaked}"

@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from stratopt_ds.deepspeed import initialize, load_config, prepare_config, resolve_optimizer_name
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _zero(stage=2, offload=False, **extra):
@@ -67,3 +72,26 @@ def test_bad_hyperparameter_in_json_is_named():
     with pytest.raises(ValueError, match="clip_tau=-1"):
         initialize(model=torch.nn.Linear(2, 2),
                    config={"optimizer": {"type": "StratOpt", "params": {"clip_tau": -1}}})
+
+
+def test_release_cpu_comm_shm_unlinks_this_ranks_buffer(tmp_path):
+    """In a 1-rank gloo group: the buffer name DeepSpeed's CPU all-reduce would leave behind is
+    unlinked (a stand-in file at that path), and nothing happens without a process group."""
+    script = r'''
+import os, sys, torch.distributed as dist
+from stratopt_ds.deepspeed import cpu_comm_shm_path, release_cpu_comm_shm
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+path = cpu_comm_shm_path(0)
+path.write_bytes(b"x")
+assert release_cpu_comm_shm() is None and path.exists()  # no process group yet: untouched
+dist.init_process_group("gloo", rank=0, world_size=1)
+assert release_cpu_comm_shm() == path and not path.exists()
+assert release_cpu_comm_shm() is None  # idempotent
+dist.destroy_process_group()
+print("ok", path.name)
+'''
+    port = "29877"
+    r = subprocess.run([sys.executable, "-c", script, port], capture_output=True, text=True,
+                       timeout=120, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr
+    assert f"_127.0.0.1_{port}_0" in r.stdout

@@ -23,6 +23,8 @@ def launch(out: Path, *extra: str) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # DeepSpeed's CPU all-reduce buffers of this job are gone (release_cpu_comm_shm)
+    assert not list(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*_29811_*"))
     return proc
 
 

@@ -391,6 +391,7 @@ def main():
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
     deepspeed.init_distributed(dist_backend="gloo")
+    stratopt_ds.deepspeed.release_cpu_comm_shm()
     world, rank = dist.get_world_size(), dist.get_rank()
     results = []
     out_dir = os.path.dirname(os.path.abspath(args.out))
