@@ -7,9 +7,31 @@
 """
 import os
 import shutil
+from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
+CSRC = Path(__file__).resolve().parent / "csrc"
+
+
+class BuildPyWithSources(build_py):
+    """Ship csrc/ inside the package (stratopt_ds/ops/csrc), so that a regular, non-editable
+    install can still JIT-build the ops at first use; an editable install reads csrc/ in place."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        target = Path(self.build_lib) / "stratopt_ds" / "ops" / "csrc"
+        for src in sorted(CSRC.rglob("*")):
+            if src.is_file() and src.suffix in (".cpp", ".cu", ".h", ".inc"):
+                dest = target / src.relative_to(CSRC)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                self.copy_file(str(src), str(dest))
+
+
+cmdclass = {"build_py": BuildPyWithSources}
 kwargs = {}
 if os.environ.get("STRATOPT_BUILD_OPS", "0") == "1":
     import torch
@@ -25,7 +47,8 @@ if os.environ.get("STRATOPT_BUILD_OPS", "0") == "1":
             ["csrc/cuda/stratopt_cuda_binding.cpp", "csrc/cuda/stratopt_cuda.cu"],
             include_dirs=["csrc/cuda"],
             extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--fmad=false", "-lineinfo"]}))
-    kwargs = dict(ext_modules=ext, cmdclass={"build_ext": BuildExtension})
+    kwargs = dict(ext_modules=ext)
+    cmdclass["build_ext"] = BuildExtension
 
 setup(
     name="stratopt-ds",
@@ -41,5 +64,6 @@ setup(
         "test": ["pytest"],
     },
     entry_points={"console_scripts": ["stratopt-train=stratopt_ds.train:cli"]},
+    cmdclass=cmdclass,
     **kwargs,
 )

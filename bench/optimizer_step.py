@@ -14,6 +14,14 @@ DeepSpeed FusedAdam.
 Effective GB/s counts the bytes the algorithm must move per parameter (fp32 everything):
 AdamW p,g,m,v read + p,m,v written = 28 B; + m2 read/written = 36 B; StratOpt/our AdamW also read
 g once more for the per-layer norms: +4 B.
+
+Kernel rows (``--kernels``) time the two native passes alone on one flat buffer per state with
+the same per-tensor segments: the segmented sum of squares (4 B/param) and the fused update
+(28 B, 36 B with m2). On CUDA they are reported as a share of the HBM peak: the nominal one of
+the GPU (``--hbm-peak-gbs`` overrides it) and the bandwidth of a device-to-device copy measured
+in the same run. ``--graph`` adds a StratOpt row replayed from a captured CUDA graph.
+
+    python bench/optimizer_step.py --device cuda --presets 134m 1b --steps 20 --kernels --graph
 """
 from __future__ import annotations
 
@@ -83,17 +91,127 @@ def plain_groups(g):
     return [{k: v for k, v in x.items() if k != "param_names"} for x in g]
 
 
-def time_steps(opt, steps, device):
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    opt.step()  # warm-up: states allocated, ops loaded
-    sync()
-    times = []
-    for _ in range(steps):
+def _timer(device):
+    """seconds(fn, steps, every=False): the median over ``steps`` calls after one warm-up call
+    (or every time, ``every=True``); CUDA events on a GPU."""
+    def one_cpu(fn):
         t0 = time.perf_counter()
-        opt.step()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        fn()
+        return time.perf_counter() - t0
+
+    def one_cuda(fn):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+    one = one_cuda if device.type == "cuda" else one_cpu
+
+    def seconds(fn, steps, every=False):
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times = [one(fn) for _ in range(steps)]
+        return times if every else statistics.median(times)
+    return seconds
+
+
+# Nominal HBM bandwidth in GB/s by device-name substring (vendor data sheets).
+HBM_PEAK_GBS = {"H200": 4800.0, "H100 NVL": 3900.0, "H100 PCIe": 2000.0, "H100": 3350.0,
+                "A100-SXM4-80GB": 2039.0, "A100-PCIE-80GB": 1935.0, "A100": 1555.0}
+
+
+def nominal_peak_gbs(device) -> float | None:
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in HBM_PEAK_GBS.items() if k in name), None)
+
+
+def copy_gbs(device, steps) -> float:
+    """Device-to-device copy bandwidth (bytes read + written), 1 GiB source."""
+    x = torch.empty(2**28, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    sec = _timer(device)(lambda: y.copy_(x), steps)
+    return 2 * x.numel() * 4 / sec / 1e9
+
+
+def kernel_rows(shapes, steps, device, peak_gbs=None, measured_gbs=None):
+    """The two native passes alone on flat buffers; returns {row: GB/s}."""
+    from stratopt_ds.ops import dispatch
+
+    sizes = [torch.Size(s).numel() for _, s in shapes]
+    n = sum(sizes)
+    frags, start = [], 0
+    for layer, size in enumerate(sizes):  # one segment (layer) per tensor of the preset
+        frags.append((0, start, size, layer))
+        start += size
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    flat = lambda: torch.zeros(n, dtype=torch.float32, device=device)  # noqa: E731
+    p, m1, v, m2 = flat(), flat(), flat(), flat()
+    g = (torch.randn(n, generator=gen) * 1e-3).to(device)
+    L = len(sizes)
+    f64 = dict(dtype=torch.float64, device=device)
+    finite, coef, alpha = torch.ones((), dtype=torch.bool, device=device), torch.ones(L, **f64), torch.ones(L, **f64)
+    step = [torch.ones((), **f64)]
+    seconds = _timer(device)
+    hp = dict(lr=3e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, beta3=0.9999, t_alpha=0, t_beta3=0)
+    rows = {
+        "segmented sum of squares": (4, lambda: dispatch.fragment_sumsq([g], frags, L)),
+        "fused update (no m2)": (28, lambda: dispatch.fragment_update(
+            [p], [g], [m1], [v], None, step, frags, finite, coef, alpha, None, mix_alpha=0.0, **hp)),
+        "fused update (with m2)": (36, lambda: dispatch.fragment_update(
+            [p], [g], [m1], [v], [m2], step, frags, finite, coef, alpha, None, mix_alpha=5.0, **hp)),
+    }
+    print(f"\n| native kernel, {n / 1e6:.1f}M params, {L} segments | ms | B/param | GB/s |"
+          + (" % nominal HBM |" if peak_gbs else "") + (" % measured copy |" if measured_gbs else ""))
+    print("|---|---:|---:|---:|" + ("---:|" if peak_gbs else "") + ("---:|" if measured_gbs else ""))
+    out = {}
+    with use_backend("native"):
+        for name, (bpp, fn) in rows.items():
+            sec = seconds(fn, steps)
+            gbs = out[name] = bpp * n / sec / 1e9
+            line = f"| {name} | {sec * 1e3:.2f} | {bpp} | {gbs:.1f} |"
+            line += f" {100 * gbs / peak_gbs:.0f}% |" if peak_gbs else ""
+            line += f" {100 * gbs / measured_gbs:.0f}% |" if measured_gbs else ""
+            print(line, flush=True)
+    return out
+
+
+def graph_seconds(shapes, steps, device) -> float:
+    """StratOpt, one step captured in a CUDA graph and replayed (lr as a device tensor)."""
+    params = make_params(shapes, device)
+    lr = torch.tensor(3e-4, dtype=torch.float64, device=device)
+    with use_backend("native"):
+        opt = stratopt_ds.create_optimizer("stratopt", groups(shapes, params), lr=lr)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            opt.step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            opt.step()
+        sec = _timer(device)(graph.replay, steps)
+    del opt, params, graph
+    gc.collect()
+    return sec
+
+
+class _NormsThenStep:
+    """``torch._foreach_norm`` of every gradient, then the wrapped optimizer's step."""
+
+    def __init__(self, opt):
+        self.opt = opt
+        self.grads = [p.grad for g in opt.param_groups for p in g["params"]]
+
+    def step(self):
+        torch._foreach_norm(self.grads)
+        self.opt.step()
+
+
+def torch_fused_with_norms(g):
+    return _NormsThenStep(torch.optim.AdamW(plain_groups(g), lr=3e-4, fused=True))
 
 
 def candidates(device):
@@ -103,6 +221,8 @@ def candidates(device):
         "StratOpt (mix_alpha=0, native)": (32, lambda g: stratopt_ds.create_optimizer("stratopt", g, mix_alpha=0.0)),
         "our AdamW (LayerwiseAdamW, native)": (32, lambda g: stratopt_ds.create_optimizer("adamw", g)),
         "torch AdamW(fused=True)": (28, lambda g: torch.optim.AdamW(plain_groups(g), lr=3e-4, fused=True)),
+        # the same plus per-tensor norms of the gradients: what our norm pass costs in torch
+        "torch AdamW(fused=True) + _foreach_norm": (32, torch_fused_with_norms),
     }
     if device.type == "cpu":
         def ds_cpu(g):
@@ -117,34 +237,47 @@ def candidates(device):
     return rows
 
 
-def run(preset, layers, steps, device, only):
+def run(preset, layers, steps, device, only, graph=False, rounds=3):
+    """Every row, ``rounds`` times in turn (row A, B, C, A, B, C, ...), so that a slow spell of
+    a shared machine hits every row alike; a row's time is the median of all its timed steps."""
     shapes = layout(preset, layers)
     n = sum(torch.Size(s).numel() for _, s in shapes)
     label = preset if layers is None else f"{preset} ({layers} of {models.preset(preset)['num_hidden_layers']} blocks)"
     print(f"\n## {label}: {n / 1e6:.1f}M parameters in {len(shapes)} tensors, device {device}, "
-          f"threads {torch.get_num_threads()}")
-    print(f"| optimizer | ms/step | Mparam/s | B/param | eff. GB/s |")
-    print(f"|---|---:|---:|---:|---:|")
-    results = {}
-    for name, (bpp, factory) in candidates(device).items():
-        if only and not any(o.lower() in name.lower() for o in only):
-            continue
-        params = make_params(shapes, device)
-        try:
-            with use_backend("native"):
-                opt = factory(groups(shapes, params))
-                sec = time_steps(opt, steps, device)
-        except Exception as exc:  # e.g. DeepSpeed's op cannot build here: say why
-            print(f"| {name} | n/a: {type(exc).__name__}: {str(exc).splitlines()[0][:160]} | | | |")
+          f"threads {torch.get_num_threads()}, {rounds} interleaved rounds of {steps} steps")
+    rows = {name: row for name, row in candidates(device).items()
+            if not only or any(o.lower() in name.lower() for o in only)}
+    times: dict[str, list[float]] = {name: [] for name in rows}
+    failed: dict[str, str] = {}
+    for _ in range(rounds):
+        for name, (bpp, factory) in rows.items():
+            if name in failed:
+                continue
+            params = make_params(shapes, device)
+            try:
+                with use_backend("native"):
+                    opt = factory(groups(shapes, params))
+                    times[name] += _timer(device)(opt.step, steps, every=True)  # warm-up: states, ops
+                del opt
+            except Exception as exc:  # e.g. DeepSpeed's op cannot build here: say why
+                failed[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
             del params
             gc.collect()
+    print(f"| optimizer | ms/step | spread (min-max) | Mparam/s | B/param | eff. GB/s |")
+    print(f"|---|---:|---:|---:|---:|---:|")
+    results = {}
+    for name, (bpp, _) in rows.items():
+        if name in failed:
+            print(f"| {name} | n/a: {failed[name]} | | | | |")
             continue
-        results[name] = n / sec / 1e6
-        print(f"| {name} | {sec * 1e3:.1f} | {n / sec / 1e6:.1f} | {bpp} | {bpp * n / sec / 1e9:.2f} |",
-              flush=True)
-        del opt, params
-        gc.collect()
-    return results
+        sec = results[name] = statistics.median(times[name])
+        print(f"| {name} | {sec * 1e3:.1f} | {min(times[name]) * 1e3:.1f}-{max(times[name]) * 1e3:.1f} | "
+              f"{n / sec / 1e6:.1f} | {bpp} | {bpp * n / sec / 1e9:.2f} |", flush=True)
+    if graph and device.type == "cuda":
+        sec = results["StratOpt (mix_alpha=5, CUDA graph)"] = graph_seconds(shapes, steps, device)
+        print(f"| StratOpt (mix_alpha=5, CUDA graph) | {sec * 1e3:.1f} | | {n / sec / 1e6:.1f} | 40 | "
+              f"{40 * n / sec / 1e9:.2f} |", flush=True)
+    return results, shapes
 
 
 def main():
@@ -152,10 +285,15 @@ def main():
     ap.add_argument("--presets", nargs="+", default=["134m"])
     ap.add_argument("--layers-1b", type=int, default=None,
                     help="blocks of the 1b layout to allocate (all 20 need ~20 GB per optimizer)")
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per row and round")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the rows")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--only", nargs="*", default=None, help="substrings of optimizer rows to run")
+    ap.add_argument("--kernels", action="store_true", help="also time the native passes alone")
+    ap.add_argument("--graph", action="store_true", help="CUDA: also a StratOpt row from a CUDA graph")
+    ap.add_argument("--hbm-peak-gbs", type=float, default=None,
+                    help="CUDA: nominal HBM bandwidth (default: looked up from the device name)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -163,17 +301,36 @@ def main():
     mod = builder.load("cpu" if device.type == "cpu" else "cuda")
     print(f"native op: {'loaded' if mod else builder.why_unavailable(device.type)}"
           + (f", isa {mod.isa()}" if mod is not None and device.type == "cpu" else ""))
+    peak = measured = None
+    if device.type == "cuda":
+        print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
+        if args.kernels:
+            peak = args.hbm_peak_gbs or nominal_peak_gbs(device)
+            measured = copy_gbs(device, args.steps)
+            print(f"HBM: nominal {peak or 'unknown (give --hbm-peak-gbs)'} GB/s, "
+                  f"device-to-device copy {measured:.0f} GB/s")
+    verdict = lambda ok: "met" if ok else "NOT met"  # noqa: E731
     for preset in args.presets:
-        res = run(preset, args.layers_1b if preset == "1b" else None, args.steps, device, args.only)
+        res, shapes = run(preset, args.layers_1b if preset == "1b" else None, args.steps, device,
+                          args.only, args.graph, args.rounds)
         ref = res.get("DeepSpeedCPUAdam") or res.get("DeepSpeed FusedAdam")
-        nomix = res.get("StratOpt (mix_alpha=0, native)")
+        strat, nomix = res.get("StratOpt (mix_alpha=5, native)"), res.get("StratOpt (mix_alpha=0, native)")
         ours, torch_fused = res.get("our AdamW (LayerwiseAdamW, native)"), res.get("torch AdamW(fused=True)")
-        if ref and nomix:
-            print(f"target StratOpt(mix_alpha=0) >= 0.85x DeepSpeed: {nomix / ref:.2f}x "
-                  f"-> {'met' if nomix / ref >= 0.85 else 'NOT met'}")
-        if ours and torch_fused:
-            print(f"target our AdamW >= 1.0x torch fused: {ours / torch_fused:.2f}x "
-                  f"-> {'met' if ours / torch_fused >= 1.0 else 'NOT met'}")
+        if device.type == "cpu":  # rows hold seconds per step: a throughput ratio is ref / ours
+            if ref and nomix:
+                print(f"target StratOpt(mix_alpha=0) >= 0.85x DeepSpeed Mparam/s: {ref / nomix:.2f}x "
+                      f"-> {verdict(ref / nomix >= 0.85)}")
+            if ours and torch_fused:
+                print(f"target our AdamW >= 1.0x torch fused Mparam/s: {torch_fused / ours:.2f}x "
+                      f"-> {verdict(torch_fused / ours >= 1.0)}")
+        elif strat and torch_fused:
+            print(f"target StratOpt step <= 1.2x torch fused AdamW time ({preset}): "
+                  f"{strat / torch_fused:.2f}x -> {verdict(strat / torch_fused <= 1.2)}")
+        if args.kernels:
+            gbs = kernel_rows(shapes, args.steps, device, peak, measured)
+            if peak:
+                share = min(gbs["fused update (no m2)"], gbs["fused update (with m2)"]) / peak
+                print(f"target update kernel >= 80% of HBM peak: {100 * share:.0f}% -> {verdict(share >= 0.8)}")
 
 
 if __name__ == "__main__":

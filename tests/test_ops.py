@@ -411,6 +411,34 @@ def test_report_lists_backends(cpu_op):
         assert "cuda: unavailable (torch built without CUDA)" in r.stdout
 
 
+def test_a_wheel_install_ships_the_sources_and_jit_builds_from_them(tmp_path):
+    """Outside an editable install there is no csrc/ at the repository root: the wheel carries
+    the sources in stratopt_ds/ops/csrc, byte-identical, and the JIT build uses that copy."""
+    wheels, target, cache = tmp_path / "wheels", tmp_path / "site", tmp_path / "cache"
+    src = tmp_path / "src"  # a copy: no stale build/ of the checkout can leak into the wheel
+    src.mkdir()
+    for name in ("setup.py", "MANIFEST.in", "README.md", "requirements.txt"):
+        shutil.copy(ROOT / name, src)
+    for tree in ("stratopt_ds", "csrc"):
+        shutil.copytree(ROOT / tree, src / tree, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    run = lambda cmd, **kw: subprocess.run(cmd, capture_output=True, text=True, timeout=600, **kw)  # noqa: E731
+    r = run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+             "-w", str(wheels), str(src)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+             *map(str, wheels.glob("*.whl"))])
+    assert r.returncode == 0, r.stderr[-3000:]
+    shipped = target / "stratopt_ds" / "ops" / "csrc"
+    for rel in builder.CPU_SOURCES + builder.CPU_DEPENDS + builder.CUDA_SOURCES + builder.CUDA_DEPENDS:
+        assert (shipped / rel).read_bytes() == (ROOT / "csrc" / rel).read_bytes(), rel
+    env = {**os.environ, "PYTHONPATH": str(target), "STRATOPT_OPS_CACHE": str(cache)}
+    r = run([sys.executable, "-m", "stratopt_ds.ops"], cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "cpu: available (JIT build" in r.stdout, r.stdout
+    ninja = "".join(f.read_text() for f in cache.glob("*/build.ninja"))
+    assert str(shipped / "cpu" / "stratopt_cpu.cpp") in ninja
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA
 
@@ -431,6 +459,22 @@ def test_cuda_sources_compile(arch, tmp_path):
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stderr[-4000:]}"
         assert obj.stat().st_size > 0
+
+
+CUDA_TORCH_DIR = os.environ.get("STRATOPT_CUDA_TORCH_DIR")
+
+
+@pytest.mark.skipif(NVCC is None or not CUDA_TORCH_DIR,
+                    reason="set STRATOPT_CUDA_TORCH_DIR (csrc/check_cuda_glue.py --fetch) and have nvcc")
+def test_cuda_op_compiles_and_links_against_cuda_torch(tmp_path):
+    """The whole CUDA op (kernels + torch glue), built exactly as the JIT build does, against a
+    CUDA torch's headers and libraries, linked with --no-undefined. Runs without a GPU."""
+    r = subprocess.run([sys.executable, str(ROOT / "csrc" / "check_cuda_glue.py"), "--torch-dir",
+                        CUDA_TORCH_DIR, "--build-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "--no-undefined" in r.stdout and "-lc10_cuda" in r.stdout
+    assert (tmp_path / "stratopt_cuda_glue_check.so").stat().st_size > 0
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -466,24 +510,65 @@ def test_cuda_update_and_sumsq_match_reference(mix):
         assert torch.equal(o, a.to(torch.bfloat16))
 
 
-@cuda
-def test_cuda_optimizer_step_is_graph_capturable():
-    if builder.load("cuda") is None:
-        pytest.fail(f"CUDA op did not build: {builder.why_unavailable('cuda')}")
+def _scheduled_run(device, lr, graphed=False, steps=5):
+    """StratOpt under a LambdaLR on fixed gradients; optionally replaying one captured step."""
     torch.manual_seed(0)
-    model = TinyNet(dims=(33, 130, 67, 41)).cuda()
-    opt = stratopt_ds.create_optimizer("stratopt", model, lr=1e-2)
-    with use_backend("native"):
-        for p in model.parameters():
-            p.grad = torch.randn_like(p)
+    model = TinyNet(dims=(33, 130, 67, 41)).to(device)
+    opt = stratopt_ds.create_optimizer("stratopt", model, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + s))
+    torch.manual_seed(1)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    if graphed:  # warm-up on a side stream (states and tables are built there), then capture
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
-            opt.step()  # warm-up: states and tables are built here
+            opt.step()
         torch.cuda.current_stream().wait_stream(s)
+        sched.step()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             opt.step()
-        graph.replay()
+        for _ in range(steps):
+            graph.replay()
+            sched.step()
+    else:
+        for _ in range(steps + 1):
+            opt.step()
+            sched.step()
+    return [p.detach().cpu().clone() for p in model.parameters()], opt
+
+
+def test_tensor_lr_follows_a_scheduler(backend):
+    """A 0-dim tensor lr, filled in place by a torch scheduler, gives the float-lr result."""
+    want, _ = _scheduled_run("cpu", 1e-2)
+    lr = torch.tensor(1e-2, dtype=torch.float64)
+    got, opt = _scheduled_run("cpu", lr)
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    assert all(g["lr"] is lr for g in opt.param_groups)  # filled in place, never replaced
+    assert lr.item() == pytest.approx(1e-2 / 7)
+    held, _ = _scheduled_run("cpu", 1e-2 / 2)  # the check can fail: another lr differs
+    assert not all(torch.equal(a, b) for a, b in zip(want, held))
+
+
+@pytest.mark.parametrize("bad", [torch.tensor([1e-3, 1e-3]), torch.tensor(1), torch.tensor(-1e-3)])
+def test_bad_tensor_lr_is_rejected(bad):
+    with pytest.raises(ValueError, match="lr"):
+        stratopt_ds.create_optimizer("stratopt", _model(), lr=bad)
+
+
+@cuda
+def test_cuda_graph_replay_follows_the_lr_schedule():
+    """One captured step replayed under a LambdaLR equals eager steps bit for bit: the kernel
+    reads the tensor lr on the device, so the graph does not freeze the lr of its capture."""
+    if builder.load("cuda") is None:
+        pytest.fail(f"CUDA op did not build: {builder.why_unavailable('cuda')}")
+    dev = torch.device("cuda")
+    with use_backend("native"):
+        eager, _ = _scheduled_run(dev, 1e-2)
+        lr = torch.tensor(1e-2, dtype=torch.float64, device=dev)
+        replayed, opt = _scheduled_run(dev, lr, graphed=True)
         torch.cuda.synchronize()
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert opt.skipped_steps == 0
+    assert all(torch.isfinite(p).all() for p in replayed)
+    assert all(torch.equal(a, b) for a, b in zip(eager, replayed))

@@ -80,7 +80,7 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const int64_t* __restr
     const double keep = ok ? 1.0 : 0.0;
     const double t = fmax(*reinterpret_cast<const double*>(tp[kStep]), 1.0);
     const double b1 = beta1_layer ? beta1_layer[layer] : h.beta1;
-    const double lr_k = h.lr * keep;
+    const double lr_k = (h.lr_device ? *h.lr_device : h.lr) * keep;
     Scal x;
     x.skip = !ok;
     x.coef = static_cast<float>(clip_coef[layer]);

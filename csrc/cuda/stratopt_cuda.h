@@ -19,6 +19,9 @@ struct Hyper {
   double lr, beta1, beta2, eps, weight_decay, beta3, mix_alpha;
   int64_t t_alpha, t_beta3;
   bool has_m2, has_out;
+  // When set, the learning rate is read from this device scalar instead of `lr`, so a captured
+  // CUDA graph replays with the value a scheduler last wrote there.
+  const double* lr_device = nullptr;
 };
 
 // grad_dtype: 0 float32, 1 bfloat16, 2 float16. Returns the launch error, if any.

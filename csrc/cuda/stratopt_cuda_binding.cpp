@@ -54,7 +54,7 @@ void update(const at::Tensor& ptrs, int64_t grad_dtype, const at::Tensor& chunks
             const at::Tensor& clip_coef, const at::Tensor& alpha,
             const std::optional<at::Tensor>& beta1_layer, double lr, double beta1, double beta2,
             double eps, double weight_decay, double beta3, double mix_alpha, int64_t t_alpha,
-            int64_t t_beta3, bool has_m2, bool has_out) {
+            int64_t t_beta3, bool has_m2, bool has_out, const std::optional<at::Tensor>& lr_tensor) {
   const at::Device dev = ptrs.device();
   TORCH_CHECK(dev.is_cuda(), "stratopt cuda op: ptrs must be a CUDA tensor");
   check_table(ptrs, "ptrs", stratopt_cuda::kPtrCols, dev);
@@ -74,6 +74,11 @@ void update(const at::Tensor& ptrs, int64_t grad_dtype, const at::Tensor& chunks
   c10::cuda::CUDAGuard guard(dev);
   stratopt_cuda::Hyper h{lr, beta1, beta2, eps, weight_decay, beta3, mix_alpha, t_alpha, t_beta3,
                          has_m2, has_out};
+  if (lr_tensor.has_value() && lr_tensor->defined()) {
+    check_dev(*lr_tensor, "lr_tensor", at::kDouble, dev);
+    TORCH_CHECK(lr_tensor->numel() == 1, "stratopt cuda op: lr_tensor must hold one value");
+    h.lr_device = lr_tensor->data_ptr<double>();
+  }
   const cudaError_t err = stratopt_cuda::update(
       ptrs.data_ptr<int64_t>(), static_cast<int>(grad_dtype), chunks.data_ptr<int64_t>(), chunks.size(0),
       finite.data_ptr<bool>(), clip_coef.data_ptr<double>(), alpha.data_ptr<double>(), b1, h,
@@ -91,5 +96,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("update", &update, py::arg("ptrs"), py::arg("grad_dtype"), py::arg("chunks"), py::arg("finite"),
         py::arg("clip_coef"), py::arg("alpha"), py::arg("beta1_layer"), py::arg("lr"), py::arg("beta1"),
         py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("beta3"), py::arg("mix_alpha"),
-        py::arg("t_alpha"), py::arg("t_beta3"), py::arg("has_m2"), py::arg("has_out"));
+        py::arg("t_alpha"), py::arg("t_beta3"), py::arg("has_m2"), py::arg("has_out"),
+        py::arg("lr_tensor") = py::none());
 }

@@ -26,7 +26,9 @@ from typing import Optional
 import torch
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-CSRC = PACKAGE_DIR.parents[1] / "csrc"
+# A wheel install carries the sources in the package (setup.py copies them); a checkout or an
+# editable install reads csrc/ at the repository root.
+CSRC = PACKAGE_DIR / "csrc" if (PACKAGE_DIR / "csrc").is_dir() else PACKAGE_DIR.parents[1] / "csrc"
 
 CPU_SOURCES = ["cpu/stratopt_cpu.cpp"]
 CPU_DEPENDS = ["cpu/stratopt_cpu_kernels.inc"]

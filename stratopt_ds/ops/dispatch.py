@@ -15,7 +15,7 @@ import contextlib
 import os
 import threading
 import warnings
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -182,15 +182,23 @@ def fragment_update(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor
                     exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
                     exp_avg_slows: Optional[Sequence[torch.Tensor]], steps: Sequence[torch.Tensor],
                     frags: Sequence[Sequence[int]], finite: torch.Tensor, clip_coef: torch.Tensor,
-                    alpha: torch.Tensor, beta1_layer: Optional[torch.Tensor], *, lr: float,
+                    alpha: torch.Tensor, beta1_layer: Optional[torch.Tensor], *,
+                    lr: Union[float, torch.Tensor],
                     beta1: float, beta2: float, eps: float, weight_decay: float, beta3: float,
                     mix_alpha: float, t_alpha: int, t_beta3: int,
                     bf16_out: Optional[Sequence[Optional[torch.Tensor]]] = None) -> None:
-    """The fused update (arguments: :func:`stratopt_ds.ops.reference.fragment_update`)."""
+    """The fused update (arguments: :func:`stratopt_ds.ops.reference.fragment_update`).
+
+    ``lr`` may be a 0-dim tensor. The CUDA kernel then reads it from device memory, so a
+    captured CUDA graph uses the value a scheduler last wrote into it; keep such a tensor on the
+    parameters' device (float64 avoids a conversion kernel per step). The CPU kernel reads its
+    value on the host, the reference computes with it as a tensor.
+    """
     params = list(params)
     if not params:
         return
-    kw = dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
+    lr_tensor = lr if isinstance(lr, torch.Tensor) else None
+    kw = dict(lr=lr if lr_tensor is not None else float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
               weight_decay=float(weight_decay), beta3=float(beta3), mix_alpha=float(mix_alpha),
               t_alpha=int(t_alpha), t_beta3=int(t_beta3))
     at = params[0].device
@@ -212,13 +220,19 @@ def fragment_update(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor
                      st.data_ptr()]
                     for p, g, m, v, m2, o, st in zip(params, flats, exp_avgs, exp_avg_sqs, slows, outs, steps)]
             chunks, _, _ = _cuda_chunks(frags, clip_coef.numel(), module.CHUNK, at)
+            if lr_tensor is not None:  # read in the kernel: no host sync, graph-replayable
+                kw["lr"] = 0.0
+                lr_tensor = lr_tensor.to(device=at, dtype=torch.float64).reshape(1)
             module.update(_cuda_ptrs(rows, at), gtype, chunks, finite, clip_coef, alpha, beta1_layer,
-                          has_m2=kw["mix_alpha"] > 0, has_out=any(o is not None for o in outs), **kw)
+                          has_m2=kw["mix_alpha"] > 0, has_out=any(o is not None for o in outs),
+                          lr_tensor=lr_tensor, **kw)
             return
         reference.fragment_update(params, grads, exp_avgs, exp_avg_sqs, exp_avg_slows, steps, frags,
                                   finite, clip_coef, alpha, beta1_layer, bf16_out=bf16_out, **kw)
         return
     small = lambda x: None if x is None else x.to(at)  # noqa: E731  (no copy when already there)
+    if lr_tensor is not None:
+        kw["lr"] = float(lr_tensor)  # the CPU kernel takes a host scalar
     module.fragment_update(
         params, [g.reshape(-1) for g in grads], list(exp_avgs), list(exp_avg_sqs),
         list(exp_avg_slows) if exp_avg_slows is not None else [], list(steps),

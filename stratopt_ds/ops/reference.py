@@ -18,7 +18,7 @@ A non-finite step (``finite`` False) therefore leaves weights and moments bit-id
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -59,7 +59,8 @@ def fragment_update(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor
                     exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
                     exp_avg_slows: Optional[Sequence[torch.Tensor]], steps: Sequence[torch.Tensor],
                     frags: FragRows, finite: torch.Tensor, clip_coef: torch.Tensor,
-                    alpha: torch.Tensor, beta1_layer: Optional[torch.Tensor], *, lr: float,
+                    alpha: torch.Tensor, beta1_layer: Optional[torch.Tensor], *,
+                    lr: Union[float, torch.Tensor],
                     beta1: float, beta2: float, eps: float, weight_decay: float, beta3: float,
                     mix_alpha: float, t_alpha: int, t_beta3: int,
                     bf16_out: Optional[Sequence[Optional[torch.Tensor]]] = None) -> None:
@@ -67,8 +68,11 @@ def fragment_update(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor
 
     ``steps`` are the per-tensor float64 step counters, already incremented; ``clip_coef``,
     ``alpha`` and ``beta1_layer`` (None: ``beta1`` for every layer) are float64 per-layer
-    vectors; ``bf16_out[i]``, when given, receives ``params[i]`` rounded to bfloat16.
+    vectors; ``bf16_out[i]``, when given, receives ``params[i]`` rounded to bfloat16. ``lr`` may
+    be a 0-dim tensor (used as a float64 tensor, never read on the host).
     """
+    if isinstance(lr, torch.Tensor):
+        lr = lr.to(torch.float64)
     keep = finite.to(torch.float64)  # 1: apply the step, 0: leave everything as it is
     coef, alph = clip_coef.unbind(0), alpha.unbind(0)
     beta1_of_layer = beta1_layer.unbind(0) if beta1_layer is not None else None

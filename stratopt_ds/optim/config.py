@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
+import torch
+
 GROUP_DEFAULTS: dict[str, Any] = {
     "lr": 3e-4,
     "betas": (0.9, 0.999),
@@ -115,7 +117,14 @@ def _check_range(key: str, value: Any, lo: float, hi: float, lo_open: bool, hi_o
 def validate_group(group: Mapping[str, Any]) -> None:
     """Check the group keywords of one parameter group (the defaults included)."""
     inf = math.inf
-    _check_range("lr", group["lr"], 0.0, inf, False, True)
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor):
+        # A tensor lr (as in torch.optim's capturable optimizers) is read on the device inside the
+        # step, so a CUDA graph replays with the value a scheduler last wrote into it (fill_).
+        if lr.numel() != 1 or lr.dim() != 0 or not lr.is_floating_point():
+            _fail("lr", lr, "a float or a 0-dim floating-point tensor")
+        lr = lr.item()  # checked once here; the step never reads it on the host
+    _check_range("lr", lr, 0.0, inf, False, True)
     betas = group["betas"]
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         _fail("betas", betas, "a pair (beta1, beta2)")
