@@ -139,10 +139,10 @@ def _clone(st):
     return {k: ([x.clone() for x in v] if isinstance(v, list) else v) for k, v in st.items()}
 
 
-def _call(fn, st, frags, layer, finite=True, bf16_out=None, **hp):
+def _call(fn, st, frags, layer, finite=True, half_out=None, **hp):
     fn(st["params"], st["grads"], st["exp_avgs"], st["exp_avg_sqs"], st["exp_avg_slows"],
        st["steps"], frags, torch.tensor(finite), layer["clip_coef"], layer["alpha"],
-       layer["beta1_layer"], bf16_out=bf16_out, **{**HP, **hp})
+       layer["beta1_layer"], half_out=half_out, **{**HP, **hp})
 
 
 # sizes chosen around the SIMD width, the 64-lane reduction and the block sizes
@@ -200,39 +200,49 @@ def test_cpu_sumsq_matches_fp64(cpu_op):
     assert torch.allclose(got, reference.fragment_sumsq(grads, frags, 8), rtol=1e-6, atol=0)
 
 
-def test_bf16_copy_is_bit_exact(cpu_op):
+# values on and around the rounding ties of each 16-bit format, overflow, subnormals, zeros
+HALF_EDGES = {
+    torch.bfloat16: [1.0 + 2**-8, 1.0 + 3 * 2**-8, -(1.0 + 2**-8), 3.0e38, -3.0e38, 1e-40, 0.0, -0.0],
+    torch.float16: [1.0 + 2**-11, 1.0 + 3 * 2**-11, -(1.0 + 2**-11), 65504.0, 65520.0, -7.0e4,
+                    2**-25, 3 * 2**-26, 2**-24 + 2**-26, 1e-8, 0.0, -0.0],
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_copy_is_bit_exact(cpu_op, dtype):
     sizes = [1, 17, 4099]
     frags = [(i, 0, n, 0) for i, n in enumerate(sizes)]
     st, layer = _problem(sizes, frags, 1, 0.0)
-    # values on and around bf16 rounding ties, huge and tiny ones
-    tie = torch.tensor([1.0 + 2**-8, 1.0 + 3 * 2**-8, -(1.0 + 2**-8), 3.0e38, -3.0e38, 1e-40, 0.0, -0.0])
-    st["params"][2][: tie.numel()] = tie
-    for finite in (True, False):
-        outs = [torch.empty(n, dtype=torch.bfloat16) for n in sizes]
+    edges = torch.tensor(HALF_EDGES[dtype])
+    st["params"][2][: edges.numel()] = edges
+    for finite in (False, True):  # a skipped step first: it copies the edges unchanged
+        outs = [torch.empty(n, dtype=dtype) for n in sizes]
         with use_backend("native"):
-            _call(dispatch.fragment_update, st, frags, layer, finite=finite, bf16_out=outs)
+            _call(dispatch.fragment_update, st, frags, layer, finite=finite, half_out=outs)
         for p, o in zip(st["params"], outs):
-            assert torch.equal(o.view(torch.int16), p.to(torch.bfloat16).view(torch.int16))
+            assert torch.equal(o.view(torch.int16), p.to(dtype).view(torch.int16))
+        if dtype == torch.float16 and not finite:  # the edges did hit overflow and subnormals
+            assert outs[2][4].isinf() and outs[2][6] == 0 and 0 < outs[2][7] < 2**-14
 
 
-def test_bf16_model_through_the_optimizer_is_exact(cpu_op):
-    torch.manual_seed(4)
-    model = TinyNet(dims=(33, 130, 67, 41)).to(torch.bfloat16)
-    opt = stratopt_ds.create_optimizer("stratopt", model, lr=1e-2)
-    with use_backend("native"):
-        for step in range(3):
-            compute_grads(model, step)
-            opt.step()
-    with use_backend("reference"):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_model_through_the_optimizer_is_exact(cpu_op, dtype):
+    """A bf16/fp16 model: the native step writes the weights in its own pass; the result is the
+    reference's (fp32 maths, then rounding) up to one rounding of the 16-bit format."""
+    def run(mode):
         torch.manual_seed(4)
-        model2 = TinyNet(dims=(33, 130, 67, 41)).to(torch.bfloat16)
-        opt2 = stratopt_ds.create_optimizer("stratopt", model2, lr=1e-2)
-        for step in range(3):
-            compute_grads(model2, step)
-            opt2.step()
-    for a, b in zip(model.parameters(), model2.parameters()):
-        assert a.dtype == torch.bfloat16
-        assert (a.float() - b.float()).abs().max() <= 2 ** -7 * b.float().abs().max()
+        model = TinyNet(dims=(33, 130, 67, 41)).to(dtype)
+        opt = stratopt_ds.create_optimizer("stratopt", model, lr=1e-2)
+        with use_backend(mode):
+            for step in range(3):
+                compute_grads(model, step)
+                opt.step()
+        return list(model.parameters())
+
+    ulp = {torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
+    for a, b in zip(run("native"), run("reference")):
+        assert a.dtype == dtype
+        assert (a.float() - b.float()).abs().max() <= ulp * b.float().abs().max()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,7 +351,7 @@ def test_bad_arguments_are_rejected_clearly(cpu_op):
     def native(s, frags, lay, **kw):
         cpu_op.fragment_update(s["params"], s["grads"], s["exp_avgs"], s["exp_avg_sqs"], [], s["steps"],
                                table(frags), torch.tensor(True), lay["clip_coef"], lay["alpha"], None,
-                               bf16_out=[], **HP, **kw)
+                               half_out=[], **HP, **kw)
 
     nc = torch.randn(64, 2).t()[0]  # a strided (non-contiguous) view
     with pytest.raises(RuntimeError, match=r"grads\[0\] must be contiguous"):
@@ -500,7 +510,7 @@ def test_cuda_update_and_sumsq_match_reference(mix):
         fn = dispatch.fragment_update
         fn(gpu["params"], gpu["grads"], gpu["exp_avgs"], gpu["exp_avg_sqs"], gpu["exp_avg_slows"],
            gpu["steps"], frags, torch.tensor(True, device=dev), glayer["clip_coef"], glayer["alpha"],
-           glayer["beta1_layer"], bf16_out=outs, **{**HP, **hp})
+           glayer["beta1_layer"], half_out=outs, **{**HP, **hp})
     assert torch.equal(sq, sq2)
     assert torch.allclose(sq.cpu(), reference.fragment_sumsq(st["grads"], frags, 4), rtol=1e-6)
     ref = _clone(st)

@@ -46,6 +46,9 @@ static inline float bf16_to_float(uint16_t h) {
 
 static inline float half_to_float(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_value(h); }
 
+// IEEE round to nearest even, overflow to inf: what float32 -> float16 conversion in torch does.
+static inline uint16_t float_to_half(float f) { return c10::detail::fp16_ieee_from_fp32_value(f); }
+
 // Round to nearest even, NaN -> 0x7FC0: what float32 -> bfloat16 conversion in torch does.
 static inline uint16_t float_to_bf16(float f) {
   if (std::isnan(f)) return UINT16_C(0x7FC0);
@@ -97,7 +100,8 @@ struct UpdateTensor {
   float* m1;
   float* v;
   float* m2;          // nullptr: no slow momentum
-  uint16_t* out_bf16;  // nullptr: no bf16 copy
+  uint16_t* out16;    // nullptr: no 16-bit copy of the updated weights
+  int out_type;       // of out16: 1 bfloat16, 2 float16
 };
 
 // Per-fragment scalars, computed in float64 on the host exactly as the reference computes its
@@ -149,6 +153,10 @@ struct V {
     r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
   }
+  static inline void store_f16(uint16_t* p, T x) {  // F16C: IEEE RNE, overflow to inf
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                        _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
   static inline T add(T a, T b) { return _mm512_add_ps(a, b); }
   static inline T sub(T a, T b) { return _mm512_sub_ps(a, b); }
   static inline T mul(T a, T b) { return _mm512_mul_ps(a, b); }
@@ -188,6 +196,10 @@ struct V {
     const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
   }
+  static inline void store_f16(uint16_t* p, T x) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                     _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
   static inline T add(T a, T b) { return _mm256_add_ps(a, b); }
   static inline T sub(T a, T b) { return _mm256_sub_ps(a, b); }
   static inline T mul(T a, T b) { return _mm256_mul_ps(a, b); }
@@ -211,6 +223,7 @@ struct V {  // one float per "vector": the portable fallback, same operation seq
   static inline T load_bf16(const uint16_t* p) { return bf16_to_float(*p); }
   static inline T load_f16(const uint16_t* p) { return half_to_float(*p); }
   static inline void store_bf16(uint16_t* p, T x) { *p = float_to_bf16(x); }
+  static inline void store_f16(uint16_t* p, T x) { *p = float_to_half(x); }
   static inline T add(T a, T b) { return a + b; }
   static inline T sub(T a, T b) { return a - b; }
   static inline T mul(T a, T b) { return a * b; }
@@ -377,7 +390,7 @@ void fragment_update(const std::vector<at::Tensor>& params, const std::vector<at
                      const at::Tensor& alpha, const std::optional<at::Tensor>& beta1_layer, double lr,
                      double beta1, double beta2, double eps, double weight_decay, double beta3,
                      double mix_alpha, int64_t t_alpha, int64_t t_beta3,
-                     const std::vector<std::optional<at::Tensor>>& bf16_out) {
+                     const std::vector<std::optional<at::Tensor>>& half_out) {
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && steps.size() == n,
               "stratopt cpu op: params, grads, exp_avgs, exp_avg_sqs and steps must have the same "
@@ -386,7 +399,7 @@ void fragment_update(const std::vector<at::Tensor>& params, const std::vector<at
   const bool has_m2 = mix_alpha > 0.0;
   TORCH_CHECK(!has_m2 || exp_avg_slows.size() == n, "stratopt cpu op: mix_alpha > 0 needs one "
               "exp_avg_slow per parameter, got ", exp_avg_slows.size(), " for ", n);
-  TORCH_CHECK(bf16_out.empty() || bf16_out.size() == n, "stratopt cpu op: bf16_out must be empty or "
+  TORCH_CHECK(half_out.empty() || half_out.size() == n, "stratopt cpu op: half_out must be empty or "
               "have one entry (tensor or None) per parameter");
   const int64_t num_layers = clip_coef.numel();
   const at::Tensor coef_v = checked_vector(clip_coef, "clip_coef", num_layers);
@@ -411,19 +424,20 @@ void fragment_update(const std::vector<at::Tensor>& params, const std::vector<at
     check_f32(exp_avgs[i], "exp_avgs" + k, numel);
     check_f32(exp_avg_sqs[i], "exp_avg_sqs" + k, numel);
     UpdateTensor u{params[i].data_ptr<float>(), grads[i].data_ptr(), grad_type(grads[i], "grads" + k),
-                   exp_avgs[i].data_ptr<float>(), exp_avg_sqs[i].data_ptr<float>(), nullptr, nullptr};
+                   exp_avgs[i].data_ptr<float>(), exp_avg_sqs[i].data_ptr<float>(), nullptr, nullptr, 0};
     if (has_m2) {
       check_f32(exp_avg_slows[i], "exp_avg_slows" + k, numel);
       u.m2 = exp_avg_slows[i].data_ptr<float>();
     }
-    if (!bf16_out.empty() && bf16_out[i].has_value() && bf16_out[i]->defined()) {
-      const at::Tensor& o = *bf16_out[i];
-      check_cpu_contig(o, "bf16_out" + k);
-      TORCH_CHECK(o.scalar_type() == at::kBFloat16, "stratopt cpu op: bf16_out", k,
-                  " must be bfloat16, got ", o.scalar_type());
-      TORCH_CHECK(o.numel() == numel, "stratopt cpu op: bf16_out", k, " has ", o.numel(),
+    if (!half_out.empty() && half_out[i].has_value() && half_out[i]->defined()) {
+      const at::Tensor& o = *half_out[i];
+      check_cpu_contig(o, "half_out" + k);
+      TORCH_CHECK(o.scalar_type() == at::kBFloat16 || o.scalar_type() == at::kHalf, "stratopt cpu op: half_out",
+                  k, " must be bfloat16 or float16, got ", o.scalar_type());
+      TORCH_CHECK(o.numel() == numel, "stratopt cpu op: half_out", k, " has ", o.numel(),
                   " elements, the parameter has ", numel);
-      u.out_bf16 = reinterpret_cast<uint16_t*>(o.data_ptr<at::BFloat16>());
+      u.out16 = static_cast<uint16_t*>(o.data_ptr());
+      u.out_type = o.scalar_type() == at::kBFloat16 ? 1 : 2;
     }
     TORCH_CHECK(steps[i].numel() == 1, "stratopt cpu op: steps", k, " must hold one value");
     t_of.push_back(std::max(steps[i].to(at::kCPU, at::kDouble).item<double>(), 1.0));
@@ -477,6 +491,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("clip_coef"), py::arg("alpha"), py::arg("beta1_layer"), py::arg("lr"),
         py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
         py::arg("beta3"), py::arg("mix_alpha"), py::arg("t_alpha"), py::arg("t_beta3"),
-        py::arg("bf16_out"));
+        py::arg("half_out"));
   m.def("isa", &stratopt_cpu::isa_name, "the SIMD variant in use (avx512, avx2, scalar)");
 }

@@ -63,7 +63,14 @@ __device__ __forceinline__ bool aligned16(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
 }
 
-template <typename G, bool M2, bool OUT>
+// OUT: 0 no copy of the updated weights, 1 bfloat16, 2 float16 (round to nearest even).
+template <int OUT> struct OutT { using T = __nv_bfloat16; };
+template <> struct OutT<2> { using T = __half; };
+template <int OUT> __device__ __forceinline__ typename OutT<OUT>::T round_out(float x);
+template <> __device__ __forceinline__ __nv_bfloat16 round_out<1>(float x) { return __float2bfloat16_rn(x); }
+template <> __device__ __forceinline__ __half round_out<2>(float x) { return __float2half_rn(x); }
+
+template <typename G, bool M2, int OUT>
 __global__ void __launch_bounds__(kThreads) update_kernel(const int64_t* __restrict__ ptrs,
                                                           const int64_t* __restrict__ chunks,
                                                           const bool* __restrict__ finite,
@@ -107,12 +114,13 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const int64_t* __restr
   float* m1 = reinterpret_cast<float*>(tp[kM1]) + begin;
   float* v = reinterpret_cast<float*>(tp[kV]) + begin;
   float* m2 = M2 ? reinterpret_cast<float*>(tp[kM2]) + begin : nullptr;
-  __nv_bfloat16* out = OUT ? reinterpret_cast<__nv_bfloat16*>(tp[kOut]) + begin : nullptr;
+  using O = typename OutT<OUT>::T;
+  O* out = OUT ? reinterpret_cast<O*>(tp[kOut]) + begin : nullptr;
   const Scal sc = s;
 
-  if (sc.skip) {  // skipped step: weights and states untouched; the bf16 copy stays exact
-    if (OUT)
-      for (int64_t i = threadIdx.x; i < n; i += blockDim.x) out[i] = __float2bfloat16_rn(p[i]);
+  if (sc.skip) {  // skipped step: weights and states untouched; the 16-bit copy stays exact
+    if constexpr (OUT != 0)
+      for (int64_t i = threadIdx.x; i < n; i += blockDim.x) out[i] = round_out<OUT>(p[i]);
     return;
   }
   bool vec = aligned16(p) && aligned16(m1) && aligned16(v) &&
@@ -136,13 +144,13 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const int64_t* __restr
       reinterpret_cast<float4*>(m1)[j] = m1v;
       reinterpret_cast<float4*>(v)[j] = vv;
       if (M2) reinterpret_cast<float4*>(m2)[j] = m2v;
-      if (OUT) {
-        Vec4<__nv_bfloat16> o;
-        o.x[0] = __float2bfloat16_rn(pv.x);
-        o.x[1] = __float2bfloat16_rn(pv.y);
-        o.x[2] = __float2bfloat16_rn(pv.z);
-        o.x[3] = __float2bfloat16_rn(pv.w);
-        reinterpret_cast<Vec4<__nv_bfloat16>*>(out)[j] = o;
+      if constexpr (OUT != 0) {
+        Vec4<O> o;
+        o.x[0] = round_out<OUT>(pv.x);
+        o.x[1] = round_out<OUT>(pv.y);
+        o.x[2] = round_out<OUT>(pv.z);
+        o.x[3] = round_out<OUT>(pv.w);
+        reinterpret_cast<Vec4<O>*>(out)[j] = o;
       }
     }
     done = n4 * 4;
@@ -154,7 +162,7 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const int64_t* __restr
     m1[i] = m1v;
     v[i] = vv;
     if (M2) m2[i] = m2v;
-    if (OUT) out[i] = __float2bfloat16_rn(pv);
+    if constexpr (OUT != 0) out[i] = round_out<OUT>(pv);
   }
 }
 
@@ -210,7 +218,7 @@ __global__ void sumsq_finalize_kernel(const float* __restrict__ partial,
   if (lane == 0) out[layer] = acc;
 }
 
-template <bool M2, bool OUT>
+template <bool M2, int OUT>
 void launch_update(int grad_dtype, dim3 grid, cudaStream_t st, const int64_t* ptrs,
                    const int64_t* chunks, const bool* finite, const double* coef,
                    const double* alpha, const double* b1, const Hyper& h) {
@@ -246,10 +254,17 @@ cudaError_t update(const int64_t* ptrs, int grad_dtype, const int64_t* chunks, i
                    const double* beta1_layer, const Hyper& h, cudaStream_t stream) {
   if (num_chunks <= 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>(num_chunks));
-  if (h.has_m2 && h.has_out) launch_update<true, true>(grad_dtype, grid, stream, ptrs, chunks, finite, clip_coef, alpha, beta1_layer, h);
-  else if (h.has_m2) launch_update<true, false>(grad_dtype, grid, stream, ptrs, chunks, finite, clip_coef, alpha, beta1_layer, h);
-  else if (h.has_out) launch_update<false, true>(grad_dtype, grid, stream, ptrs, chunks, finite, clip_coef, alpha, beta1_layer, h);
-  else launch_update<false, false>(grad_dtype, grid, stream, ptrs, chunks, finite, clip_coef, alpha, beta1_layer, h);
+  const auto with_args = [&](auto launch) {  // one instantiation per (m2, copy dtype)
+    launch(grad_dtype, grid, stream, ptrs, chunks, finite, clip_coef, alpha, beta1_layer, h);
+  };
+  switch ((h.has_m2 ? 3 : 0) + h.out_type) {
+    case 0: with_args(launch_update<false, 0>); break;
+    case 1: with_args(launch_update<false, 1>); break;
+    case 2: with_args(launch_update<false, 2>); break;
+    case 3: with_args(launch_update<true, 0>); break;
+    case 4: with_args(launch_update<true, 1>); break;
+    default: with_args(launch_update<true, 2>); break;
+  }
   return cudaGetLastError();
 }
 

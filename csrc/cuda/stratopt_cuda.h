@@ -18,7 +18,8 @@ enum PtrCol { kParam = 0, kGrad = 1, kM1 = 2, kV = 3, kM2 = 4, kOut = 5, kStep =
 struct Hyper {
   double lr, beta1, beta2, eps, weight_decay, beta3, mix_alpha;
   int64_t t_alpha, t_beta3;
-  bool has_m2, has_out;
+  bool has_m2;
+  int out_type;  // the copy of the updated weights (kOut column): 0 none, 1 bfloat16, 2 float16
   // When set, the learning rate is read from this device scalar instead of `lr`, so a captured
   // CUDA graph replays with the value a scheduler last wrote there.
   const double* lr_device = nullptr;

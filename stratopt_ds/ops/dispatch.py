@@ -26,6 +26,7 @@ _override: Optional[str] = None
 _warned = False
 _warn_lock = threading.Lock()
 _NATIVE_GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_OUT_TYPES = {torch.bfloat16: 1, torch.float16: 2}  # the 16-bit weight copies the kernels write
 
 
 def backend_setting() -> str:
@@ -186,7 +187,7 @@ def fragment_update(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor
                     lr: Union[float, torch.Tensor],
                     beta1: float, beta2: float, eps: float, weight_decay: float, beta3: float,
                     mix_alpha: float, t_alpha: int, t_beta3: int,
-                    bf16_out: Optional[Sequence[Optional[torch.Tensor]]] = None) -> None:
+                    half_out: Optional[Sequence[Optional[torch.Tensor]]] = None) -> None:
     """The fused update (arguments: :func:`stratopt_ds.ops.reference.fragment_update`).
 
     ``lr`` may be a 0-dim tensor. The CUDA kernel then reads it from device memory, so a
@@ -202,18 +203,20 @@ def fragment_update(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor
               weight_decay=float(weight_decay), beta3=float(beta3), mix_alpha=float(mix_alpha),
               t_alpha=int(t_alpha), t_beta3=int(t_beta3))
     at = params[0].device
+    outs = list(half_out) if half_out is not None else [None] * len(params)
     supported = all(p.device == at and p.dtype == torch.float32 for p in params) and all(
-        g.device == at and g.dtype in _NATIVE_GRAD_DTYPES for g in grads)
+        g.device == at and g.dtype in _NATIVE_GRAD_DTYPES for g in grads) and all(
+        o is None or o.dtype in _OUT_TYPES for o in outs)
     module = native_module(at, supported)
     if module is None:
         reference.fragment_update(params, grads, exp_avgs, exp_avg_sqs, exp_avg_slows, steps, frags,
-                                  finite, clip_coef, alpha, beta1_layer, bf16_out=bf16_out, **kw)
+                                  finite, clip_coef, alpha, beta1_layer, half_out=half_out, **kw)
         return
     if at.type == "cuda":
         flats = [g.reshape(-1) for g in grads]
         gtype = _uniform_grad_type(flats)
-        if gtype is not None:
-            outs = list(bf16_out) if bf16_out is not None else [None] * len(params)
+        out_types = {_OUT_TYPES[o.dtype] for o in outs if o is not None}
+        if gtype is not None and len(out_types) <= 1:  # one kernel per call: one copy dtype
             slows = list(exp_avg_slows) if exp_avg_slows is not None else [None] * len(params)
             rows = [[p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(),
                      m2.data_ptr() if m2 is not None else 0, o.data_ptr() if o is not None else 0,
@@ -224,11 +227,11 @@ def fragment_update(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor
                 kw["lr"] = 0.0
                 lr_tensor = lr_tensor.to(device=at, dtype=torch.float64).reshape(1)
             module.update(_cuda_ptrs(rows, at), gtype, chunks, finite, clip_coef, alpha, beta1_layer,
-                          has_m2=kw["mix_alpha"] > 0, has_out=any(o is not None for o in outs),
+                          has_m2=kw["mix_alpha"] > 0, out_type=out_types.pop() if out_types else 0,
                           lr_tensor=lr_tensor, **kw)
             return
         reference.fragment_update(params, grads, exp_avgs, exp_avg_sqs, exp_avg_slows, steps, frags,
-                                  finite, clip_coef, alpha, beta1_layer, bf16_out=bf16_out, **kw)
+                                  finite, clip_coef, alpha, beta1_layer, half_out=half_out, **kw)
         return
     small = lambda x: None if x is None else x.to(at)  # noqa: E731  (no copy when already there)
     if lr_tensor is not None:
@@ -237,4 +240,4 @@ def fragment_update(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor
         params, [g.reshape(-1) for g in grads], list(exp_avgs), list(exp_avg_sqs),
         list(exp_avg_slows) if exp_avg_slows is not None else [], list(steps),
         frag_table(frags, at), small(finite), small(clip_coef), small(alpha), small(beta1_layer),
-        bf16_out=list(bf16_out) if bf16_out is not None else [], **kw)
+        half_out=outs, **kw)

@@ -63,12 +63,13 @@ def fragment_update(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor
                     lr: Union[float, torch.Tensor],
                     beta1: float, beta2: float, eps: float, weight_decay: float, beta3: float,
                     mix_alpha: float, t_alpha: int, t_beta3: int,
-                    bf16_out: Optional[Sequence[Optional[torch.Tensor]]] = None) -> None:
+                    half_out: Optional[Sequence[Optional[torch.Tensor]]] = None) -> None:
     """The fused update, in place on flat float32 ``params`` and states (see the module doc).
 
     ``steps`` are the per-tensor float64 step counters, already incremented; ``clip_coef``,
     ``alpha`` and ``beta1_layer`` (None: ``beta1`` for every layer) are float64 per-layer
-    vectors; ``bf16_out[i]``, when given, receives ``params[i]`` rounded to bfloat16. ``lr`` may
+    vectors; ``half_out[i]``, when given (bfloat16 or float16), receives ``params[i]``
+    rounded to nearest even in the same pass. ``lr`` may
     be a 0-dim tensor (used as a float64 tensor, never read on the host).
     """
     if isinstance(lr, torch.Tensor):
@@ -104,5 +105,5 @@ def fragment_update(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor
             denom = torch.sqrt(view["v"] / (1.0 - beta2 ** t)) + eps
             view["param"].mul_(1.0 - lr_k * weight_decay)
             view["param"].add_(numer / denom * (-lr_k * alph[layer]))
-        if bf16_out is not None and bf16_out[i] is not None:
-            bf16_out[i].view(-1).copy_(flat["param"])
+        if half_out is not None and half_out[i] is not None:
+            half_out[i].view(-1).copy_(flat["param"])

@@ -41,6 +41,9 @@ from . import config
 from .layer_stats import LayerStats, LayerStep
 
 
+HALF_DTYPES = (torch.bfloat16, torch.float16)  # written by the fused update itself
+
+
 class LayerwiseAdam(Optimizer):
     """Layer-adaptive Adam; see the module docstring. Keywords: spec section 10."""
 
@@ -214,11 +217,11 @@ class LayerwiseAdam(Optimizer):
                 lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
                 weight_decay=group["weight_decay"], beta3=group["beta3"],
                 mix_alpha=group["mix_alpha"], t_alpha=group["t_alpha"], t_beta3=group["t_beta3"],
-                # a bf16 parameter is written from its fp32 copy in the same pass
-                bf16_out=[p.view(-1) if (p32 is not p and p.dtype == torch.bfloat16) else None
+                # a bf16/fp16 parameter is written from its fp32 copy in the same pass
+                half_out=[p.view(-1) if (p32 is not p and p.dtype in HALF_DTYPES) else None
                           for p, p32 in zip(ps, p32s)])
             for p, p32 in zip(ps, p32s):
-                if p32 is not p and p.dtype != torch.bfloat16:
+                if p32 is not p and p.dtype not in HALF_DTYPES:  # e.g. float64
                     p.copy_(p32)
 
     # ----------------------------------------------------------------------------------------
