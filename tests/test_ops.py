@@ -487,6 +487,33 @@ def test_cuda_op_compiles_and_links_against_cuda_torch(tmp_path):
     assert (tmp_path / "stratopt_cuda_glue_check.so").stat().st_size > 0
 
 
+def test_cuda_chunk_tables_cover_every_fragment_once():
+    """The host-side tables of the CUDA kernels, built and checked on CPU: chunks of at most
+    CHUNK elements tile every fragment exactly once, carry its layer, and the per-layer chunk
+    lists (CSR) make the two-stage sum, emulated here in fp64, equal the reference."""
+    torch.manual_seed(0)
+    sizes = [10, 1, 37, 64, 0]
+    frags = [(0, 0, 4, 1), (0, 4, 6, 0), (1, 0, 1, 2), (2, 0, 37, 1), (3, 0, 0, 4), (3, 0, 64, 3)]
+    num_layers, chunk = 6, 7  # layer 5 has no fragment, layer 4 only an empty one
+    grads = [torch.randn(n, dtype=torch.float64) for n in sizes]
+    chunks, layer_ptr, layer_chunks = dispatch._cuda_chunks(frags, num_layers, chunk, torch.device("cpu"))
+    rows = chunks.tolist()
+    assert all(0 < n <= chunk for _, _, n, _ in rows)
+    for t, start, length, layer in frags:  # the chunks of a fragment tile it, in order
+        mine = [(b, n) for tt, b, n, lay in rows if tt == t and start <= b < start + length and lay == layer]
+        assert [b for b, _ in mine] == list(range(start, start + length, chunk))
+        assert sum(n for _, n in mine) == length
+    assert sum(n for _, _, n, _ in rows) == sum(f[2] for f in frags)
+    ptr = layer_ptr.tolist()
+    assert ptr[0] == 0 and ptr[-1] == len(rows) and ptr[5] == ptr[6] and ptr[4] == ptr[5]
+    ids = layer_chunks.tolist()[: ptr[-1]]
+    partial = [float((grads[t][b:b + n] ** 2).sum()) for t, b, n, _ in rows]
+    emulated = torch.tensor([sum(partial[k] for k in ids[ptr[l]:ptr[l + 1]]) for l in range(num_layers)],
+                            dtype=torch.float64)
+    assert all(rows[k][3] == l for l in range(num_layers) for k in ids[ptr[l]:ptr[l + 1]])
+    assert torch.allclose(emulated, reference.fragment_sumsq(grads, frags, num_layers), rtol=1e-12, atol=0)
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
