@@ -19,7 +19,8 @@ Kernel rows (``--kernels``) time the two native passes alone on one flat buffer 
 the same per-tensor segments: the segmented sum of squares (4 B/param) and the fused update
 (28 B, 36 B with m2). On CUDA they are reported as a share of the HBM peak: the nominal one of
 the GPU (``--hbm-peak-gbs`` overrides it) and the bandwidth of a device-to-device copy measured
-in the same run. ``--graph`` adds a StratOpt row replayed from a captured CUDA graph.
+in the same run. ``--graph`` adds a StratOpt row replayed from a captured CUDA graph;
+``--host`` times the host side of ``step()`` alone (one-element tensors in the preset's count).
 
     python bench/optimizer_step.py --device cuda --presets 134m 1b --steps 20 --kernels --graph
 """
@@ -178,6 +179,29 @@ def kernel_rows(shapes, steps, device, peak_gbs=None, measured_gbs=None):
     return out
 
 
+def host_rows(shapes, steps, device):
+    """Host time of ``step()``: the preset's tensor count with one element each, so the kernels
+    cost nothing and what is timed is the Python and launch overhead per step (on a GPU this is
+    what must hide behind the kernels of the previous step)."""
+    tiny = [(name, (1,) * len(shape)) for name, shape in shapes]
+    rows = {k: v for k, v in candidates(device).items() if "DeepSpeed" not in k}
+    print(f"\n| host time per step, {len(tiny)} tensors of 1 element | us/step |")
+    print("|---|---:|")
+    for name, (_, factory) in rows.items():
+        params = make_params(tiny, device)
+        with use_backend("native"):
+            opt = factory(groups(tiny, params))
+            opt.step()
+            times = []
+            for _ in range(max(steps, 50)):
+                t0 = time.perf_counter()
+                opt.step()
+                times.append(time.perf_counter() - t0)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        print(f"| {name} | {statistics.median(times) * 1e6:.0f} |", flush=True)
+
+
 def graph_seconds(shapes, steps, device) -> float:
     """StratOpt, one step captured in a CUDA graph and replayed (lr as a device tensor)."""
     params = make_params(shapes, device)
@@ -292,6 +316,7 @@ def main():
     ap.add_argument("--only", nargs="*", default=None, help="substrings of optimizer rows to run")
     ap.add_argument("--kernels", action="store_true", help="also time the native passes alone")
     ap.add_argument("--graph", action="store_true", help="CUDA: also a StratOpt row from a CUDA graph")
+    ap.add_argument("--host", action="store_true", help="also the host time of step() per optimizer")
     ap.add_argument("--hbm-peak-gbs", type=float, default=None,
                     help="CUDA: nominal HBM bandwidth (default: looked up from the device name)")
     args = ap.parse_args()
@@ -326,6 +351,8 @@ def main():
         elif strat and torch_fused:
             print(f"target StratOpt step <= 1.2x torch fused AdamW time ({preset}): "
                   f"{strat / torch_fused:.2f}x -> {verdict(strat / torch_fused <= 1.2)}")
+        if args.host:
+            host_rows(shapes, args.steps, device)
         if args.kernels:
             gbs = kernel_rows(shapes, args.steps, device, peak, measured)
             if peak:

@@ -96,6 +96,7 @@ class LayerMap:
     layout: LayerLayout
     fragments: dict[int, list[Fragment]] = field(default_factory=dict)
     reduce: Optional[NormReducer] = None  # sums per-layer partial sums across ranks
+    _rows_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_layers(self) -> int:
@@ -107,6 +108,21 @@ class LayerMap:
         except KeyError:
             raise KeyError("tensor is not in the layer map; was it added after the optimizer "
                            "was built? Rebuild the optimizer with all parameters.") from None
+
+    def rows_of(self, tensors: Sequence[torch.Tensor]) -> tuple[tuple[int, int, int, int], ...]:
+        """The fragment rows ``(index in tensors, start, length, layer)`` of ``tensors``.
+
+        Built once per list of tensors and cached (a step would otherwise rebuild them from every
+        fragment on the host); the fragments of a tensor never change within one map."""
+        key = tuple(map(id, tensors))
+        rows = self._rows_cache.get(key)
+        if rows is None:
+            rows = tuple((i, frag.start, frag.length, frag.layer)
+                         for i, tensor in enumerate(tensors) for frag in self.fragments_of(tensor))
+            if len(self._rows_cache) > 64:
+                self._rows_cache.clear()
+            self._rows_cache[key] = rows
+        return rows
 
 
 def whole_tensor_map(params: Iterable[torch.Tensor], names: Sequence[str],
@@ -128,9 +144,6 @@ def local_layer_sq(layer_map: LayerMap, tensors_and_grads: Iterable[tuple[torch.
     """
     from .ops import fragment_sumsq  # late: stratopt_ds.ops imports the optimizer's schedules
 
-    grads, rows = [], []
-    for tensor, grad in tensors_and_grads:
-        rows.extend((len(grads), frag.start, frag.length, frag.layer)
-                    for frag in layer_map.fragments_of(tensor))
-        grads.append(grad)
-    return fragment_sumsq(grads, rows, layer_map.num_layers, device)
+    pairs = list(tensors_and_grads)
+    rows = layer_map.rows_of([tensor for tensor, _ in pairs])
+    return fragment_sumsq([grad for _, grad in pairs], rows, layer_map.num_layers, device)

@@ -91,7 +91,8 @@ def frag_table(frags: Sequence[Sequence[int]], device: torch.device) -> torch.Te
     """Rows (tensor, start, length, layer) as a cached int64 (F, 4) tensor on ``device``."""
     if isinstance(frags, torch.Tensor):
         return frags.to(device=device, dtype=torch.int64).contiguous()
-    key = (str(device), tuple(tuple(int(x) for x in r) for r in frags))
+    rows = frags if isinstance(frags, tuple) else tuple(tuple(int(x) for x in r) for r in frags)
+    key = (str(device), rows)  # a tuple of int tuples (LayerMap.rows_of) hashes without a copy
     table = _frag_cache.get(key)
     if table is None:
         table = torch.tensor(key[1], dtype=torch.int64).reshape(-1, 4).to(device)
@@ -131,7 +132,8 @@ def _to_device(rows, device: torch.device) -> torch.Tensor:
 def _cuda_chunks(frags, num_layers: int, chunk: int, device: torch.device):
     """Fragments cut into chunks of <= ``chunk`` elements (one CUDA block each), and the per-layer
     chunk lists (CSR, chunks in table order) of the deterministic finalize; built once, cached."""
-    rows = tuple(tuple(int(x) for x in r) for r in (frags.tolist() if isinstance(frags, torch.Tensor) else frags))
+    rows = frags if isinstance(frags, tuple) else tuple(
+        tuple(int(x) for x in r) for r in (frags.tolist() if isinstance(frags, torch.Tensor) else frags))
 
     def build():
         chunks, per_layer = [], [[] for _ in range(num_layers)]
@@ -169,7 +171,7 @@ def fragment_sumsq(grads: Sequence[torch.Tensor], frags: Sequence[Sequence[int]]
     module = native_module(at, supported)
     if module is None:
         return reference.fragment_sumsq(grads, frags, num_layers, device)
-    flats = [g.reshape(-1) for g in grads]  # a copy only for a non-contiguous gradient
+    flats = [g if g.is_contiguous() else g.reshape(-1) for g in grads]  # copy only if strided
     if at.type == "cuda":
         gtype = _uniform_grad_type(flats)
         if gtype is None:
@@ -239,7 +241,7 @@ def fragment_update(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor
     if lr_tensor is not None:
         kw["lr"] = float(lr_tensor)  # the CPU kernel takes a host scalar
     module.fragment_update(
-        params, [g.reshape(-1) for g in grads], list(exp_avgs), list(exp_avg_sqs),
+        params, [g if g.is_contiguous() else g.reshape(-1) for g in grads], list(exp_avgs), list(exp_avg_sqs),
         list(exp_avg_slows) if exp_avg_slows is not None else [], list(steps),
         frag_table(frags, at), small(finite), small(clip_coef), small(alpha), small(beta1_layer),
         half_out=outs, **kw)
