@@ -124,6 +124,10 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+# Data sources given by name rather than by a file path.
+NAMED_SOURCES = ("synthetic", "fineweb", "auto")
+
+
 def resolve_source(source: str) -> str:
     """'auto' (the default) is FineWeb when the hub is reachable, else the synthetic corpus."""
     if source != "auto":
@@ -133,7 +137,7 @@ def resolve_source(source: str) -> str:
 
 def check_source(source: str) -> None:
     """Raise ValueError / FileNotFoundError for a data source that cannot be read."""
-    if source in ("synthetic", "fineweb"):
+    if source in NAMED_SOURCES:
         return
     path = Path(source)
     if not path.is_file():
@@ -144,7 +148,8 @@ def check_source(source: str) -> None:
 
 
 def load_documents(source: str, max_docs: Optional[int] = None) -> list[str]:
-    """Documents of ``source``: 'synthetic', 'fineweb', or a .txt/.jsonl/.parquet path."""
+    """Documents of ``source``: 'synthetic', 'fineweb', 'auto' or a .txt/.jsonl/.parquet path."""
+    source = resolve_source(source)
     check_source(source)
     if source == "synthetic":
         docs = synthetic_corpus(max_docs or 2000)

@@ -200,3 +200,23 @@ def trainer_gone(pid: int) -> bool:
         return b"stratopt_ds.train" not in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return True
+
+
+def test_epochs_with_the_default_data_source(tmp_path):
+    """A plan that gives epochs and no train.data uses stratopt_ds.train's default, 'auto'
+    (synthetic here, offline): the plan accepts it as a name, not a path, and the epoch length
+    is computed from the corpus the run will build."""
+    from stratopt_ds import data
+    from stratopt_ds.study.plan import load_plan
+    from stratopt_ds.study.runner import epoch_steps
+
+    def edit(raw):
+        del raw["train"]["data"], raw["train"]["steps"]
+        raw["train"]["epochs"] = 1
+
+    plan = load_plan(write_plan(tmp_path, edit))
+    run = plan.runs()[0]
+    assert "data" not in run.train
+    steps = epoch_steps(run, tmp_path / "epoch_steps.json")
+    windows = len(data.prepare_corpus("synthetic", "byte", 32, 16, max_docs=400).train)
+    assert steps == windows // 8 > 0

@@ -28,7 +28,7 @@ import yaml
 from torch import nn
 
 from .. import models
-from ..data import MIN_BPE_VOCAB, READERS
+from ..data import MIN_BPE_VOCAB, NAMED_SOURCES, READERS
 from ..optim import available_optimizers, create_optimizer, preset_defaults
 
 
@@ -288,7 +288,7 @@ def _train_options(raw: Any, where: str) -> dict[str, Any]:
         if kind == "str" and not (isinstance(value, str) and value):
             raise PlanError(f"{name}: expected a non-empty string, got {value!r}")
         out[key] = expand_env(value, name) if kind == "str" else value
-        if key == "data" and out[key] not in ("synthetic", "fineweb"):
+        if key == "data" and out[key] not in NAMED_SOURCES:
             out[key] = str(Path(out[key]).resolve())  # runs may be resumed from elsewhere
     return out
 
@@ -338,7 +338,7 @@ def _check_run(run: Run, check_files: bool) -> None:
         raise PlanError(f"{where}: give exactly one of train.steps and train.epochs "
                         f"(got {'both' if 'steps' in opts else 'neither'})")
     if check_files:
-        _check_data(opts.get("data", "synthetic"), where)
+        _check_data(opts.get("data", "auto"), where)  # 'auto': stratopt_ds.train's default
     try:  # the optimizer's own checks (ranges, enum values), on a throw-away module
         create_optimizer(run.optimizer, nn.Linear(1, 1), **run.opt_args, lr=opts.get("lr", 1e-3))
     except (ValueError, TypeError) as e:
@@ -348,7 +348,7 @@ def _check_run(run: Run, check_files: bool) -> None:
 
 
 def _check_data(source: str, where: str) -> None:
-    if source in ("synthetic", "fineweb"):
+    if source in NAMED_SOURCES:
         return
     path = Path(source)
     if not path.is_file():
@@ -356,7 +356,7 @@ def _check_data(source: str, where: str) -> None:
                         f"are read from the current directory {Path.cwd()}; set STRATOPT_SHARED "
                         f"if the plan uses ${{STRATOPT_SHARED:-...}})")
     if path.suffix not in READERS:
-        raise PlanError(f"{where}: train.data {source!r}: expected 'synthetic', 'fineweb' or a "
+        raise PlanError(f"{where}: train.data {source!r}: expected 'synthetic', 'fineweb', 'auto' or a "
                         f"{'/'.join(READERS)} file")
 
 

@@ -311,6 +311,7 @@ def epoch_steps(run: Run, cache_file: Path) -> int:
     opts = {**{k: defaults[k] for k in ("data", "tokenizer", "val_windows", "bpe_vocab",
                                         "max_docs")},
             "seq_len": preset["seq_len"], "batch_size": preset["batch_size"], **run.train}
+    opts["data"] = data.resolve_source(opts["data"])  # as stratopt_ds.train will resolve it
     key = json.dumps({k: opts[k] for k in ("data", "tokenizer", "val_windows", "bpe_vocab",
                                            "max_docs", "seq_len")}, sort_keys=True)
     cache = read_json(cache_file) or {}
