@@ -343,6 +343,21 @@ def test_misaligned_views_are_handled(cpu_op):
                               (g.double() ** 2).sum().reshape(1), rtol=1e-6)
 
 
+def test_strided_gradients_are_copied_for_the_native_op(cpu_op):
+    """A strided gradient (here 1-D, where reshape(-1) would keep the strides) goes through the
+    dispatcher natively and gives the reference's result; the raw op rejects it (below)."""
+    st, layer = _problem([64], [(0, 0, 64, 0)], 1, 0.0)
+    st["grads"] = [torch.randn(64, 2).t()[0]]
+    assert not st["grads"][0].is_contiguous()
+    ref = _clone(st)
+    with use_backend("native"):
+        sq = dispatch.fragment_sumsq(st["grads"], [(0, 0, 64, 0)], 1)
+        _call(dispatch.fragment_update, st, [(0, 0, 64, 0)], layer)
+    _call(reference.fragment_update, ref, [(0, 0, 64, 0)], layer)
+    assert torch.allclose(sq, (st["grads"][0].double() ** 2).sum().reshape(1), rtol=1e-6)
+    assert rel_err(st["params"][0], ref["params"][0]) <= 1e-5
+
+
 def test_bad_arguments_are_rejected_clearly(cpu_op):
     st, layer = _problem([64], [(0, 0, 64, 0)], 1, 0.0)
     args = lambda **o: ({**st, **o}, [[0, 0, 64, 0]], layer)  # noqa: E731

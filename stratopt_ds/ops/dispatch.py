@@ -105,7 +105,7 @@ def frag_table(frags: Sequence[Sequence[int]], device: torch.device) -> torch.Te
 def _uniform_grad_type(grads: Sequence[torch.Tensor]) -> Optional[int]:
     """0/1/2 for float32/bfloat16/float16 gradients of one dtype; None (use the reference) else."""
     dtypes = {g.dtype for g in grads}
-    if len(dtypes) != 1 or not all(g.is_contiguous() for g in grads):
+    if len(dtypes) != 1:
         return None
     return {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}.get(dtypes.pop())
 
@@ -171,7 +171,7 @@ def fragment_sumsq(grads: Sequence[torch.Tensor], frags: Sequence[Sequence[int]]
     module = native_module(at, supported)
     if module is None:
         return reference.fragment_sumsq(grads, frags, num_layers, device)
-    flats = [g if g.is_contiguous() else g.reshape(-1) for g in grads]  # copy only if strided
+    flats = [g.contiguous() for g in grads]  # the kernels read flat memory; copies only strided ones
     if at.type == "cuda":
         gtype = _uniform_grad_type(flats)
         if gtype is None:
@@ -217,7 +217,7 @@ def fragment_update(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor
                                   finite, clip_coef, alpha, beta1_layer, half_out=half_out, **kw)
         return
     if at.type == "cuda":
-        flats = [g.reshape(-1) for g in grads]
+        flats = [g.contiguous() for g in grads]
         gtype = _uniform_grad_type(flats)
         out_types = {_OUT_TYPES[o.dtype] for o in outs if o is not None}
         if gtype is not None and len(out_types) <= 1:  # one kernel per call: one copy dtype
@@ -241,7 +241,7 @@ def fragment_update(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor
     if lr_tensor is not None:
         kw["lr"] = float(lr_tensor)  # the CPU kernel takes a host scalar
     module.fragment_update(
-        params, [g if g.is_contiguous() else g.reshape(-1) for g in grads], list(exp_avgs), list(exp_avg_sqs),
+        params, [g.contiguous() for g in grads], list(exp_avgs), list(exp_avg_sqs),
         list(exp_avg_slows) if exp_avg_slows is not None else [], list(steps),
         frag_table(frags, at), small(finite), small(clip_coef), small(alpha), small(beta1_layer),
         half_out=outs, **kw)
