@@ -54,7 +54,7 @@ void update(const at::Tensor& ptrs, int64_t grad_dtype, const at::Tensor& chunks
             const at::Tensor& clip_coef, const at::Tensor& alpha,
             const std::optional<at::Tensor>& beta1_layer, double lr, double beta1, double beta2,
             double eps, double weight_decay, double beta3, double mix_alpha, int64_t t_alpha,
-            int64_t t_beta3, bool has_m2, int64_t out_type, const std::optional<at::Tensor>& lr_tensor) {
+            int64_t t_beta3, int64_t out_type, const std::optional<at::Tensor>& lr_tensor) {
   const at::Device dev = ptrs.device();
   TORCH_CHECK(dev.is_cuda(), "stratopt cuda op: ptrs must be a CUDA tensor");
   check_table(ptrs, "ptrs", stratopt_cuda::kPtrCols, dev);
@@ -73,6 +73,7 @@ void update(const at::Tensor& ptrs, int64_t grad_dtype, const at::Tensor& chunks
   TORCH_CHECK(grad_dtype >= 0 && grad_dtype <= 2, "stratopt cuda op: grad_dtype must be 0, 1 or 2");
   c10::cuda::CUDAGuard guard(dev);
   TORCH_CHECK(out_type >= 0 && out_type <= 2, "stratopt cuda op: out_type must be 0, 1 or 2");
+  const bool has_m2 = mix_alpha > 0.0;  // the slow momentum exists only then (as in the CPU op)
   stratopt_cuda::Hyper h{lr, beta1, beta2, eps, weight_decay, beta3, mix_alpha, t_alpha, t_beta3,
                          has_m2, static_cast<int>(out_type)};
   if (lr_tensor.has_value() && lr_tensor->defined()) {
@@ -97,6 +98,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("update", &update, py::arg("ptrs"), py::arg("grad_dtype"), py::arg("chunks"), py::arg("finite"),
         py::arg("clip_coef"), py::arg("alpha"), py::arg("beta1_layer"), py::arg("lr"), py::arg("beta1"),
         py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("beta3"), py::arg("mix_alpha"),
-        py::arg("t_alpha"), py::arg("t_beta3"), py::arg("has_m2"), py::arg("out_type"),
+        py::arg("t_alpha"), py::arg("t_beta3"), py::arg("out_type"),
         py::arg("lr_tensor") = py::none());
 }

@@ -25,8 +25,10 @@ BACKENDS = ("auto", "native", "reference")
 _override: Optional[str] = None
 _warned = False
 _warn_lock = threading.Lock()
-_NATIVE_GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_OUT_TYPES = {torch.bfloat16: 1, torch.float16: 2}  # the 16-bit weight copies the kernels write
+# dtype codes of the native kernels: gradients of any of these; 16-bit weight copies (half_out)
+# of the last two, written in the update pass.
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def backend_setting() -> str:
@@ -84,41 +86,15 @@ def native_module(device: torch.device, supported: bool = True):
     return module
 
 
-_frag_cache: dict[tuple, torch.Tensor] = {}
-
-
-def frag_table(frags: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
-    """Rows (tensor, start, length, layer) as a cached int64 (F, 4) tensor on ``device``."""
-    if isinstance(frags, torch.Tensor):
-        return frags.to(device=device, dtype=torch.int64).contiguous()
-    rows = frags if isinstance(frags, tuple) else tuple(tuple(int(x) for x in r) for r in frags)
-    key = (str(device), rows)  # a tuple of int tuples (LayerMap.rows_of) hashes without a copy
-    table = _frag_cache.get(key)
-    if table is None:
-        table = torch.tensor(key[1], dtype=torch.int64).reshape(-1, 4).to(device)
-        if len(_frag_cache) > 256:
-            _frag_cache.clear()
-        _frag_cache[key] = table
-    return table
-
-
-def _uniform_grad_type(grads: Sequence[torch.Tensor]) -> Optional[int]:
-    """0/1/2 for float32/bfloat16/float16 gradients of one dtype; None (use the reference) else."""
-    dtypes = {g.dtype for g in grads}
-    if len(dtypes) != 1:
-        return None
-    return {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}.get(dtypes.pop())
-
-
-_cuda_cache: dict[tuple, object] = {}
+_cache: dict[tuple, object] = {}
 
 
 def _cached(key: tuple, build):
-    value = _cuda_cache.get(key)
+    value = _cache.get(key)
     if value is None:
-        if len(_cuda_cache) > 512:
-            _cuda_cache.clear()
-        value = _cuda_cache[key] = build()
+        if len(_cache) > 512:
+            _cache.clear()
+        value = _cache[key] = build()
     return value
 
 
@@ -129,11 +105,23 @@ def _to_device(rows, device: torch.device) -> torch.Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
-def _cuda_chunks(frags, num_layers: int, chunk: int, device: torch.device):
+def frag_table(frags: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
+    """Rows (tensor, start, length, layer) as a cached int64 (F, 4) tensor on ``device``."""
+    rows = reference.as_rows(frags)
+    return _cached(("table", str(device), rows),
+                   lambda: torch.tensor(rows, dtype=torch.int64).reshape(-1, 4).to(device))
+
+
+def _uniform_grad_type(grads: Sequence[torch.Tensor]) -> Optional[int]:
+    """The dtype code of gradients of one dtype; None (use the reference) for mixed dtypes."""
+    dtypes = {g.dtype for g in grads}
+    return DTYPE_CODES[dtypes.pop()] if len(dtypes) == 1 else None
+
+
+def _cuda_chunks(frags: Sequence[Sequence[int]], num_layers: int, chunk: int, device: torch.device):
     """Fragments cut into chunks of <= ``chunk`` elements (one CUDA block each), and the per-layer
     chunk lists (CSR, chunks in table order) of the deterministic finalize; built once, cached."""
-    rows = frags if isinstance(frags, tuple) else tuple(
-        tuple(int(x) for x in r) for r in (frags.tolist() if isinstance(frags, torch.Tensor) else frags))
+    rows = reference.as_rows(frags)
 
     def build():
         chunks, per_layer = [], [[] for _ in range(num_layers)]
@@ -151,11 +139,10 @@ def _cuda_chunks(frags, num_layers: int, chunk: int, device: torch.device):
     return _cached(("chunks", str(device), num_layers, chunk, rows), build)
 
 
-def _cuda_ptrs(rows, device: torch.device) -> torch.Tensor:
-    """The (n, 7) device pointer table; cached by the addresses, so steady-state steps (and
-    CUDA-graph capture after a warm-up step) make no host-to-device copy."""
-    key = ("ptrs", str(device), tuple(tuple(r) for r in rows))
-    return _cached(key, lambda: _to_device(rows, device))
+def _cuda_ptrs(rows: tuple, device: torch.device) -> torch.Tensor:
+    """The (n, 7) device pointer table of tuple ``rows``; cached by the addresses, so
+    steady-state steps (and CUDA-graph capture after a warm-up step) make no host-to-device copy."""
+    return _cached(("ptrs", str(device), rows), lambda: _to_device(rows, device))
 
 
 def fragment_sumsq(grads: Sequence[torch.Tensor], frags: Sequence[Sequence[int]], num_layers: int,
@@ -167,20 +154,19 @@ def fragment_sumsq(grads: Sequence[torch.Tensor], frags: Sequence[Sequence[int]]
     if not grads:
         return torch.zeros(num_layers, dtype=torch.float64, device=device)
     at = grads[0].device
-    supported = all(g.device == at and g.dtype in _NATIVE_GRAD_DTYPES for g in grads)
-    module = native_module(at, supported)
+    module = native_module(at, all(g.device == at and g.dtype in DTYPE_CODES for g in grads))
+    rows = reference.as_rows(frags)
     if module is None:
-        return reference.fragment_sumsq(grads, frags, num_layers, device)
+        return reference.fragment_sumsq(grads, rows, num_layers, device)
     flats = [g.contiguous() for g in grads]  # the kernels read flat memory; copies only strided ones
-    if at.type == "cuda":
-        gtype = _uniform_grad_type(flats)
-        if gtype is None:
-            return reference.fragment_sumsq(grads, frags, num_layers, device)
-        chunks, layer_ptr, layer_chunks = _cuda_chunks(frags, num_layers, module.CHUNK, at)
-        ptrs = _cuda_ptrs([[0, g.data_ptr(), 0, 0, 0, 0, 0] for g in flats], at)
-        return module.sumsq(ptrs, gtype, chunks, layer_ptr, layer_chunks, num_layers).to(device)
-    out = module.fragment_sumsq(flats, frag_table(frags, at), num_layers)
-    return out.to(device)
+    if at.type == "cpu":
+        return module.fragment_sumsq(flats, frag_table(rows, at), num_layers).to(device)
+    gtype = _uniform_grad_type(flats)
+    if gtype is None:
+        return reference.fragment_sumsq(grads, rows, num_layers, device)
+    chunks, layer_ptr, layer_chunks = _cuda_chunks(rows, num_layers, module.CHUNK, at)
+    ptrs = _cuda_ptrs(tuple((0, g.data_ptr(), 0, 0, 0, 0, 0) for g in flats), at)
+    return module.sumsq(ptrs, gtype, chunks, layer_ptr, layer_chunks, num_layers).to(device)
 
 
 def fragment_update(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
@@ -203,45 +189,43 @@ def fragment_update(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor
     if not params:
         return
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
-    kw = dict(lr=lr if lr_tensor is not None else float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
-              weight_decay=float(weight_decay), beta3=float(beta3), mix_alpha=float(mix_alpha),
-              t_alpha=int(t_alpha), t_beta3=int(t_beta3))
+    kw = dict(lr=lr if lr_tensor is not None else float(lr), beta1=float(beta1),
+              beta2=float(beta2), eps=float(eps), weight_decay=float(weight_decay),
+              beta3=float(beta3), mix_alpha=float(mix_alpha), t_alpha=int(t_alpha),
+              t_beta3=int(t_beta3))
     at = params[0].device
+    rows = reference.as_rows(frags)
     outs = list(half_out) if half_out is not None else [None] * len(params)
-    supported = all(p.device == at and p.dtype == torch.float32 for p in params) and all(
-        g.device == at and g.dtype in _NATIVE_GRAD_DTYPES for g in grads) and all(
-        o is None or o.dtype in _OUT_TYPES for o in outs)
+    slows = list(exp_avg_slows) if exp_avg_slows is not None else [None] * len(params)
+    supported = (all(p.device == at and p.dtype == torch.float32 for p in params)
+                 and all(g.device == at and g.dtype in DTYPE_CODES for g in grads)
+                 and all(o is None or o.dtype in HALF_DTYPES for o in outs))
     module = native_module(at, supported)
-    if module is None:
-        reference.fragment_update(params, grads, exp_avgs, exp_avg_sqs, exp_avg_slows, steps, frags,
-                                  finite, clip_coef, alpha, beta1_layer, half_out=half_out, **kw)
+    if module is not None and at.type == "cpu":
+        if lr_tensor is not None:
+            kw["lr"] = float(lr_tensor)  # the CPU kernel takes a host scalar
+        small = lambda x: None if x is None else x.to(at)  # noqa: E731  (no copy when already there)
+        module.fragment_update(
+            params, [g.contiguous() for g in grads], list(exp_avgs), list(exp_avg_sqs),
+            slows if exp_avg_slows is not None else [], list(steps), frag_table(rows, at),
+            small(finite), small(clip_coef), small(alpha), small(beta1_layer), half_out=outs, **kw)
         return
-    if at.type == "cuda":
+    if module is not None:  # CUDA: one kernel per call, so one gradient dtype and one copy dtype
         flats = [g.contiguous() for g in grads]
         gtype = _uniform_grad_type(flats)
-        out_types = {_OUT_TYPES[o.dtype] for o in outs if o is not None}
-        if gtype is not None and len(out_types) <= 1:  # one kernel per call: one copy dtype
-            slows = list(exp_avg_slows) if exp_avg_slows is not None else [None] * len(params)
-            rows = [[p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(),
-                     m2.data_ptr() if m2 is not None else 0, o.data_ptr() if o is not None else 0,
-                     st.data_ptr()]
-                    for p, g, m, v, m2, o, st in zip(params, flats, exp_avgs, exp_avg_sqs, slows, outs, steps)]
-            chunks, _, _ = _cuda_chunks(frags, clip_coef.numel(), module.CHUNK, at)
+        out_codes = {DTYPE_CODES[o.dtype] for o in outs if o is not None}
+        if gtype is not None and len(out_codes) <= 1:
+            ptrs = tuple((p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(),
+                          m2.data_ptr() if m2 is not None else 0, o.data_ptr() if o is not None else 0,
+                          st.data_ptr())
+                         for p, g, m, v, m2, o, st in zip(params, flats, exp_avgs, exp_avg_sqs, slows,
+                                                          outs, steps))
+            chunks, _, _ = _cuda_chunks(rows, clip_coef.numel(), module.CHUNK, at)
             if lr_tensor is not None:  # read in the kernel: no host sync, graph-replayable
                 kw["lr"] = 0.0
                 lr_tensor = lr_tensor.to(device=at, dtype=torch.float64).reshape(1)
-            module.update(_cuda_ptrs(rows, at), gtype, chunks, finite, clip_coef, alpha, beta1_layer,
-                          has_m2=kw["mix_alpha"] > 0, out_type=out_types.pop() if out_types else 0,
-                          lr_tensor=lr_tensor, **kw)
+            module.update(_cuda_ptrs(ptrs, at), gtype, chunks, finite, clip_coef, alpha, beta1_layer,
+                          out_type=out_codes.pop() if out_codes else 0, lr_tensor=lr_tensor, **kw)
             return
-        reference.fragment_update(params, grads, exp_avgs, exp_avg_sqs, exp_avg_slows, steps, frags,
-                                  finite, clip_coef, alpha, beta1_layer, half_out=half_out, **kw)
-        return
-    small = lambda x: None if x is None else x.to(at)  # noqa: E731  (no copy when already there)
-    if lr_tensor is not None:
-        kw["lr"] = float(lr_tensor)  # the CPU kernel takes a host scalar
-    module.fragment_update(
-        params, [g.contiguous() for g in grads], list(exp_avgs), list(exp_avg_sqs),
-        list(exp_avg_slows) if exp_avg_slows is not None else [], list(steps),
-        frag_table(frags, at), small(finite), small(clip_coef), small(alpha), small(beta1_layer),
-        half_out=outs, **kw)
+    reference.fragment_update(params, grads, exp_avgs, exp_avg_sqs, exp_avg_slows, steps, rows,
+                              finite, clip_coef, alpha, beta1_layer, half_out=half_out, **kw)

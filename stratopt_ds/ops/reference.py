@@ -27,10 +27,14 @@ from ..optim.schedules import beta3_at, mix_alpha_at
 FragRows = Sequence[Sequence[int]]  # rows (tensor, start, length, layer)
 
 
-def _rows(frags) -> list[tuple[int, int, int, int]]:
+def as_rows(frags) -> tuple[tuple[int, int, int, int], ...]:
+    """Fragment rows as a tuple of int tuples (hashable: the native ops cache tables by it);
+    such a tuple, as :meth:`stratopt_ds.layer_map.LayerMap.rows_of` returns, passes unchanged."""
+    if isinstance(frags, tuple):
+        return frags
     if isinstance(frags, torch.Tensor):
-        return [tuple(r) for r in frags.tolist()]
-    return [tuple(r) for r in frags]
+        frags = frags.tolist()
+    return tuple(tuple(int(x) for x in r) for r in frags)
 
 
 def fragment_sumsq(grads: Sequence[torch.Tensor], frags: FragRows, num_layers: int,
@@ -44,7 +48,7 @@ def fragment_sumsq(grads: Sequence[torch.Tensor], frags: FragRows, num_layers: i
         device = grads[0].device if len(grads) else torch.device("cpu")
     flats = [g.reshape(-1) for g in grads]
     sums, ids = [], []
-    for tensor, start, length, layer in _rows(frags):
+    for tensor, start, length, layer in as_rows(frags):
         piece = flats[tensor].narrow(0, start, length).to(torch.float64)
         sums.append(torch.dot(piece, piece))
         ids.append(layer)
@@ -77,7 +81,7 @@ def fragment_update(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor
     keep = finite.to(torch.float64)  # 1: apply the step, 0: leave everything as it is
     coef, alph = clip_coef.unbind(0), alpha.unbind(0)
     beta1_of_layer = beta1_layer.unbind(0) if beta1_layer is not None else None
-    rows = _rows(frags)
+    rows = as_rows(frags)
     by_tensor: dict[int, list[tuple[int, int, int]]] = {}
     for tensor, start, length, layer in rows:
         by_tensor.setdefault(tensor, []).append((start, length, layer))

@@ -36,12 +36,10 @@ import torch
 from torch.optim import Optimizer
 
 from .. import ops
+from ..ops.dispatch import HALF_DTYPES  # written by the fused update itself
 from ..layer_map import LayerMap, local_layer_sq, whole_tensor_map
 from . import config
 from .layer_stats import LayerStats, LayerStep
-
-
-HALF_DTYPES = (torch.bfloat16, torch.float16)  # written by the fused update itself
 
 
 class LayerwiseAdam(Optimizer):
