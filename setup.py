@@ -34,19 +34,24 @@ class BuildPyWithSources(build_py):
 cmdclass = {"build_py": BuildPyWithSources}
 kwargs = {}
 if os.environ.get("STRATOPT_BUILD_OPS", "0") == "1":
+    import importlib.util
+
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-    cpu_flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
-    ext = [CppExtension("stratopt_ds.ops._stratopt_cpu", ["csrc/cpu/stratopt_cpu.cpp"],
-                        include_dirs=["csrc/cpu"], extra_compile_args=cpu_flags,
-                        extra_link_args=["-fopenmp"])]
+    # Sources and flags from the JIT builder itself (it imports only the standard library and
+    # torch), so that a prebuilt op is compiled exactly like a JIT-built one.
+    spec = importlib.util.spec_from_file_location("_builder", "stratopt_ds/ops/builder.py")
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    ext = [CppExtension("stratopt_ds.ops._stratopt_cpu", [f"csrc/{s}" for s in builder.CPU_SOURCES],
+                        include_dirs=["csrc/cpu"], extra_compile_args=builder.CPU_CFLAGS,
+                        extra_link_args=builder.CPU_LDFLAGS)]
     if torch.version.cuda is not None and (CUDA_HOME is not None or shutil.which("nvcc")):
         ext.append(CUDAExtension(
-            "stratopt_ds.ops._stratopt_cuda",
-            ["csrc/cuda/stratopt_cuda_binding.cpp", "csrc/cuda/stratopt_cuda.cu"],
+            "stratopt_ds.ops._stratopt_cuda", [f"csrc/{s}" for s in builder.CUDA_SOURCES],
             include_dirs=["csrc/cuda"],
-            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--fmad=false", "-lineinfo"]}))
+            extra_compile_args={"cxx": builder.CUDA_CFLAGS, "nvcc": builder.NVCC_FLAGS}))
     kwargs = dict(ext_modules=ext)
     cmdclass["build_ext"] = BuildExtension
 

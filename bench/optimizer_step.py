@@ -32,13 +32,12 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import stratopt_ds  # noqa: E402
-from stratopt_ds import models  # noqa: E402
+from stratopt_ds import models, plan  # noqa: E402
 from stratopt_ds.ops import builder, use_backend  # noqa: E402
 
 
@@ -62,10 +61,8 @@ def layout(preset: str, layers: int | None = None) -> list[tuple[str, tuple[int,
     shapes.append(("model.norm.weight", (d,)))
     if not p["tie_word_embeddings"]:
         shapes.append(("lm_head.weight", (vocab, d)))
-    cfg = SimpleNamespace(hidden_size=d, intermediate_size=ff, vocab_size=vocab,
-                          num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hd,
-                          attention_bias=False, mlp_bias=False, num_hidden_layers=p["num_hidden_layers"],
-                          tie_word_embeddings=p["tie_word_embeddings"])
+    cfg = plan.preset_shape(preset)
+    cfg.num_hidden_layers = p["num_hidden_layers"]
     total = sum(torch.Size(s).numel() for _, s in shapes)
     assert total == models.count_parameters(cfg), (total, models.count_parameters(cfg))
     return shapes

@@ -70,15 +70,22 @@ def offloads_optimizer(config: dict) -> bool:
     return zero.get("stage", 0) > 0 and device not in (None, "none")
 
 
+def keep_client_optimizer_under_offload(config: dict, what: str = "stratopt_ds optimizer") -> None:
+    """Under optimizer offload DeepSpeed swaps a client optimizer for DeepSpeedCPUAdam unless
+    ``zero_force_ds_cpu_optimizer`` is false: set it (in place), and refuse a config saying true."""
+    if not offloads_optimizer(config):
+        return
+    if config.get("zero_force_ds_cpu_optimizer") is True:
+        raise ValueError(f"zero_force_ds_cpu_optimizer=true would replace the {what} by "
+                         "DeepSpeedCPUAdam under offload; remove it or set it to false")
+    config["zero_force_ds_cpu_optimizer"] = False
+
+
 def prepare_config(config: dict, optimizer_clips: bool, clip_mode: str = "layer") -> dict:
     """Set the flags a client optimizer needs and make gradient clipping explicit (in place)."""
     if config.get("zero_optimization", {}).get("stage", 0) > 0:
         config["zero_allow_untested_optimizer"] = True
-        if offloads_optimizer(config):
-            if config.get("zero_force_ds_cpu_optimizer") is True:
-                raise ValueError("zero_force_ds_cpu_optimizer=true would replace the stratopt_ds optimizer "
-                                 "by DeepSpeedCPUAdam under offload; remove it or set it to false")
-            config["zero_force_ds_cpu_optimizer"] = False
+        keep_client_optimizer_under_offload(config)
     engine_clip = config.get("gradient_clipping")
     if engine_clip is None:
         config["gradient_clipping"] = 0.0 if optimizer_clips else DEEPSPEED_DEFAULT_CLIPPING
@@ -165,12 +172,18 @@ def release_cpu_comm_shm() -> Optional[Path]:
     if not (dist.is_available() and dist.is_initialized()):
         return None
     path = cpu_comm_shm_path(dist.get_rank())
+    if path in _released:  # every rank made the same calls: all skip the barrier together
+        return None
     dist.barrier()  # every rank has returned from init, so every peer buffer is mapped
+    _released.add(path)
     try:
         path.unlink()
-    except FileNotFoundError:  # GPUs, several nodes, or released already
+    except FileNotFoundError:  # GPUs, several nodes
         return None
     return path
+
+
+_released: set[Path] = set()  # names this process has released (one barrier per job)
 
 
 __all__ = ["initialize", "load_config", "prepare_config", "release_cpu_comm_shm",

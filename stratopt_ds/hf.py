@@ -62,8 +62,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.training_args import OptimizerNames
 
 from .accelerate import bind_prepared, distributed_state, refuse_foreign_optimizer_section, section_mismatches
-from .deepspeed import (load_config, offloads_optimizer, optimizer_clips, prepare_config,
-                        resolve_optimizer_name)
+from .deepspeed import (keep_client_optimizer_under_offload, load_config, optimizer_clips,
+                        prepare_config, resolve_optimizer_name)
 from .optim import LayerwiseAdam, available_optimizers, create_optimizer
 from .optim.config import with_run_length_warmups
 
@@ -165,12 +165,17 @@ def resolve_optim(optim: Optional[str], section: Optional[dict]) -> str:
 
 def trainer_hyperparams(args: "StratTrainingArguments") -> dict[str, Any]:
     """The keywords of ``args.optim``: Trainer args, the config section, then ``--optim_args``."""
-    extra = parse_optim_args(args.optim_args)
-    if "lr" in extra:
+    if "lr" in parse_optim_args(args.optim_args):
         raise ValueError("--optim_args: set the learning rate with --learning_rate, not lr=...")
-    hp = {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2),
-          "eps": args.adam_epsilon, "weight_decay": args.weight_decay}
-    return {**hp, **args.optimizer_section_params, **extra}
+    # the section's own params never repeat a key given here (section_params drops them)
+    return {**given_hyperparams(args), **args.optimizer_section_params}
+
+
+def given_hyperparams(args: "StratTrainingArguments") -> dict[str, Any]:
+    """What the Trainer arguments say: --learning_rate, --adam_*, --weight_decay, --optim_args."""
+    return {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2),
+            "eps": args.adam_epsilon, "weight_decay": args.weight_decay,
+            **parse_optim_args(args.optim_args)}
 
 
 def check_hyperparams(name: str, hp: dict[str, Any]) -> tuple[bool, str]:
@@ -184,9 +189,7 @@ def check_hyperparams(name: str, hp: dict[str, Any]) -> tuple[bool, str]:
 
 def section_params(section: dict, args: "StratTrainingArguments") -> dict[str, Any]:
     """A section naming our optimizer, as hyperparameters (checked against the Trainer args)."""
-    given = {"lr": args.learning_rate, "betas": [args.adam_beta1, args.adam_beta2],
-             "eps": args.adam_epsilon, "weight_decay": args.weight_decay,
-             **parse_optim_args(args.optim_args)}
+    given = given_hyperparams(args)
     bad = section_mismatches(section, given, lambda key: _TRAINER_FLAGS.get(key, f"--optim_args {key}"))
     if bad:
         raise ValueError("the DeepSpeed config's optimizer section disagrees with the Trainer's "
@@ -370,15 +373,8 @@ class StratTrainer(Trainer):
 
     def _keep_under_offload(self, optimizer) -> None:
         """Trap 3: keep our (or the user's) optimizer when DeepSpeed offloads it."""
-        config = self.deepspeed_config
-        ours = isinstance(optimizer, LayerwiseAdam) or optimizer is self.client_optimizer
-        if not (ours and offloads_optimizer(config)):
-            return
-        if config.get("zero_force_ds_cpu_optimizer") is True:
-            raise ValueError("zero_force_ds_cpu_optimizer=true in the DeepSpeed config would replace "
-                             f"the {type(optimizer).__name__} by DeepSpeedCPUAdam under offload; remove it "
-                             "or set it to false")
-        config["zero_force_ds_cpu_optimizer"] = False
+        if isinstance(optimizer, LayerwiseAdam) or optimizer is self.client_optimizer:
+            keep_client_optimizer_under_offload(self.deepspeed_config, type(optimizer).__name__)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is None and self.client_scheduler is not None:

@@ -22,12 +22,13 @@ def finite_or_none(x: float) -> Optional[float]:
 def optimizer_stats(opt) -> dict[str, Any]:
     """Gradient norms and layer scales of the last step, and the running counters."""
     ls = opt.last_step
-    norms, alpha = ls.norms.double(), ls.alpha.double()
+    # one device-to-host copy of each vector, then host maths (not one sync per statistic)
+    norms, alpha = ls.norms.double().cpu(), ls.alpha.double().cpu()
     return {"grad_norm": finite_or_none(norms.square().sum().sqrt().item()),
             "layer_norm_max": finite_or_none(norms.max().item()),
             "alpha_min": alpha.min().item(), "alpha_mean": alpha.mean().item(),
             "alpha_max": alpha.max().item(),
-            "clip_events": sum(opt.layer_clip_counts().values()),
+            "clip_events": int(opt.layer_stats.clip_count.sum()),
             "skipped_steps": opt.skipped_steps,
             # per layer, in the order of summary.json's "layers": the layer-wise analysis
             "layer_norms": [finite_or_none(x) for x in norms.tolist()],

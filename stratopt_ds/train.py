@@ -26,8 +26,9 @@ from torch import nn
 from tqdm import tqdm
 
 from . import checkpoints, data, models
+from .deepspeed import optimizer_clips
 from .metrics import MetricsLog, finite_or_none, optimizer_stats, print_summary
-from .optim import available_optimizers, create_optimizer, preset_defaults
+from .optim import available_optimizers, create_optimizer
 from .optim.config import with_run_length_warmups
 
 # ------------------------------------------------------------------------------------------------
@@ -172,12 +173,12 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> arg
     try:  # build the optimizer once on a throw-away module: bad hyperparameters raise here
         args.hyperparams = optimizer_hyperparams(args.optimizer, {**base, **overrides},
                                                  args.lr, args.steps)
-        create_optimizer(args.optimizer, nn.Linear(1, 1), **args.hyperparams)
+        probe = create_optimizer(args.optimizer, nn.Linear(1, 1), **args.hyperparams)
     except (ValueError, TypeError) as e:
         where = "the DeepSpeed config's optimizer.params or " if base else ""
         parser.error(f"{where}--opt-args: {e}")
     if args.ds_config is not None:
-        check_clipping(parser, args)
+        check_clipping(parser, args, probe)
     if args.resume or args.save_every:
         if args.out is None:
             parser.error("--resume and --save-every need --out (checkpoints go to <out>/checkpoints)")
@@ -230,11 +231,11 @@ def check_batch_split(batch_size: int, ranks: int, gas: int) -> None:
                          f"gradient_accumulation_steps = {ranks} x {gas}")
 
 
-def check_clipping(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def check_clipping(parser: argparse.ArgumentParser, args: argparse.Namespace, optimizer) -> None:
     """DeepSpeed's global clipping and an optimizer that clips itself would clip twice."""
-    clip = args.hyperparams.get("clip", preset_defaults(args.optimizer)["clip"])
+    clips, clip = optimizer_clips(optimizer)
     engine_clip = args.ds_config.get("gradient_clipping")
-    if engine_clip and clip != "none":
+    if engine_clip and clips:
         parser.error(f"conflicting clipping: the DeepSpeed config sets gradient_clipping="
                      f"{engine_clip} and {args.optimizer!r} clips itself (clip={clip!r}); set "
                      f"gradient_clipping to 0 or pass --opt-args clip=none")
@@ -305,6 +306,7 @@ class SingleProcess:
     """One process: our optimizer and the LambdaLR schedule."""
 
     world, rank = 1, 0
+    micro = None  # evaluation batches: no micro-batch split on one process
 
     def __init__(self, args, model: nn.Module):
         self.model = model
@@ -314,7 +316,8 @@ class SingleProcess:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    def train_step(self, inputs, targets, device) -> float:
+    def train_step(self, inputs, targets) -> float:
+        device = self.model.device
         loss = lm_loss(self.model, inputs.to(device), targets.to(device))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -388,7 +391,7 @@ class DeepSpeedRun:
         self.dist.barrier()
         self.dist.destroy_process_group()
 
-    def train_step(self, inputs, targets, device) -> float:
+    def train_step(self, inputs, targets) -> float:
         losses = []
         for m in range(self.gas):
             lo = (m * self.world + self.rank) * self.micro
@@ -472,7 +475,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         t_step = time.perf_counter()
         inputs, targets = next(batches)
         lr = run.lr()
-        losses.append(run.train_step(inputs, targets, device))
+        losses.append(run.train_step(inputs, targets))
         history["train_time"] += time.perf_counter() - t_step
         history["tokens"] += targets.numel()
         stats = optimizer_stats(opt)
@@ -493,7 +496,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         if args.eval_batches and (is_eval_step or status == "diverged"):
             t_eval = time.perf_counter()
             val = evaluate(run.model, corpus.val, args.batch_size, args.eval_batches,
-                           getattr(run.model, "device", device), getattr(run, "micro", None))
+                           run.model.device, run.micro)
             history["eval_time"] += time.perf_counter() - t_eval
             val_losses.append((step, val))
             log.write({"step": step, "val_loss": finite_or_none(val), "tokens": history["tokens"],

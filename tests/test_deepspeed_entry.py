@@ -74,7 +74,7 @@ def test_bad_hyperparameter_in_json_is_named():
                    config={"optimizer": {"type": "StratOpt", "params": {"clip_tau": -1}}})
 
 
-def test_release_cpu_comm_shm_unlinks_this_ranks_buffer(tmp_path):
+def test_release_cpu_comm_shm_unlinks_this_ranks_buffer():
     """In a 1-rank gloo group: the buffer name DeepSpeed's CPU all-reduce would leave behind is
     unlinked (a stand-in file at that path), and nothing happens without a process group."""
     script = r'''

@@ -28,6 +28,7 @@ import yaml
 from torch import nn
 
 from .. import models
+from ..deepspeed import optimizer_clips
 from ..data import MIN_BPE_VOCAB, NAMED_SOURCES, READERS
 from ..optim import available_optimizers, create_optimizer, preset_defaults
 
@@ -340,11 +341,12 @@ def _check_run(run: Run, check_files: bool) -> None:
     if check_files:
         _check_data(opts.get("data", "auto"), where)  # 'auto': stratopt_ds.train's default
     try:  # the optimizer's own checks (ranges, enum values), on a throw-away module
-        create_optimizer(run.optimizer, nn.Linear(1, 1), **run.opt_args, lr=opts.get("lr", 1e-3))
+        probe = create_optimizer(run.optimizer, nn.Linear(1, 1), **run.opt_args,
+                                 lr=opts.get("lr", 1e-3))
     except (ValueError, TypeError) as e:
         raise PlanError(f"arms '{run.arm}'.opt_args: {e}") from None
     if run.deepspeed is not None and check_files:
-        _check_deepspeed_batch(run, where)
+        _check_deepspeed_batch(run, where, optimizer_clips(probe)[0])
 
 
 def _check_data(source: str, where: str) -> None:
@@ -360,7 +362,8 @@ def _check_data(source: str, where: str) -> None:
                         f"{'/'.join(READERS)} file")
 
 
-def _check_deepspeed_batch(run: Run, where: str) -> None:
+def _check_deepspeed_batch(run: Run, where: str, clips: bool) -> None:
+    """``clips``: the arm's optimizer clips its own gradients."""
     config = json.loads(Path(run.deepspeed.config).read_text())
     gas = int(config.get("gradient_accumulation_steps", 1))
     batch = run.train.get("batch_size")
@@ -370,7 +373,6 @@ def _check_deepspeed_batch(run: Run, where: str) -> None:
     if batch % (gas * run.deepspeed.num_gpus):
         raise PlanError(f"{where}: batch_size {batch} is not divisible by gradient_accumulation"
                         f"_steps x num_gpus = {gas} x {run.deepspeed.num_gpus}")
-    clips = run.opt_args.get("clip", preset_defaults(run.optimizer)["clip"]) != "none"
     if clips and config.get("gradient_clipping"):
         raise PlanError(f"{where}: {run.deepspeed.config} sets gradient_clipping and "
                         f"{run.optimizer} clips itself; that would clip twice")

@@ -150,24 +150,15 @@ class AllReduceCounter:
 
 
 def ds_run(cfg):
-    world, rank = dist.get_world_size(), dist.get_rank()
+    world = dist.get_world_size()
     model = make_model()
     opt = build_optimizer(cfg, model)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(cfg))
     if cfg.get("no_reduce"):  # deliberately per-partition norms: the matrix must then fail
         stratopt_ds.zero.attach(opt, engine.optimizer, reduce_enabled=False)
-    dtype = torch.bfloat16 if cfg.get("bf16") else torch.float32
     with AllReduceCounter(opt.layer_stats.num_layers) as counter:
-        for step in range(STEPS):
-            for micro in micro_batches(step, world, cfg["gas"]):
-                x, y = micro[rank]
-                loss = torch.nn.functional.cross_entropy(engine(x).to(torch.float32), y)
-                engine.backward(loss)
-                engine.step()
-    params = {}
-    for n, p in engine.module.named_parameters():
-        full = safe_get_full_fp32_param(p) if p.requires_grad else None
-        params[n] = (full if full is not None else p.detach().float()).clone()
+        train_steps(engine, cfg, range(STEPS))
+    params = full_fp32_params(engine)
     norms = opt.last_step.norms.clone()
     gathered = [torch.zeros_like(norms) for _ in range(world)]
     dist.all_gather(gathered, norms)
@@ -306,10 +297,6 @@ def unsupported_case(cfg):
     return {"error": None}
 
 
-def paths(world: int):
-    return ["paths"]
-
-
 def run_paths(out_dir):
     rank, world = dist.get_rank(), dist.get_world_size()
     results = []
@@ -376,17 +363,13 @@ def run_reshard(phase, ckpt_root):
     return results
 
 
-def bf16(world: int):
-    return [c for c in matrix(world) if c.get("bf16")]
-
-
-SUITES = {"matrix": matrix, "no_reduce": no_reduce, "bf16": bf16, "paths": paths,
-          "groups3": lambda world: [c for c in matrix(world) if c.get("groups3")]}
+SUITES = {"matrix": matrix, "no_reduce": no_reduce}  # configuration lists, compared with one process
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--suite", choices=[*SUITES, "reshard_save", "reshard_load"], required=True)
+    parser.add_argument("--suite", choices=[*SUITES, "paths", "reshard_save", "reshard_load"],
+                        required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
@@ -399,7 +382,7 @@ def main():
         results = run_paths(out_dir)
     elif args.suite.startswith("reshard_"):
         results = run_reshard(args.suite.split("_")[1], out_dir)
-    for cfg in (SUITES[args.suite](world) if args.suite in SUITES and args.suite != "paths" else []):
+    for cfg in (SUITES[args.suite](world) if args.suite in SUITES else []):
         params, norms, same, calls, kind, layout = ds_run(cfg)
         if rank == 0:
             ref_params, ref_norms = reference_run(cfg, world)
