@@ -383,6 +383,29 @@ def test_bad_arguments_are_rejected_clearly(cpu_op):
         native(st, [[0, 0, 64, 3]], layer)
     with pytest.raises(RuntimeError, match=r"grads\[0\] must be contiguous"):
         cpu_op.fragment_sumsq([nc], table([[0, 0, 64, 0]]), 1)
+    with pytest.raises(RuntimeError, match=r"steps\[0\] must hold one value"):
+        native(*args(steps=[torch.ones(2, dtype=torch.float64)]))
+    with pytest.raises(RuntimeError, match=r"half_out\[0\] must be bfloat16 or float16"):
+        s, frags, lay = args()
+        cpu_op.fragment_update(s["params"], s["grads"], s["exp_avgs"], s["exp_avg_sqs"], [], s["steps"],
+                               table(frags), torch.tensor(True), lay["clip_coef"], lay["alpha"], None,
+                               half_out=[torch.zeros(64)], **HP)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int64])
+def test_step_counter_of_any_dtype_is_read_by_value(cpu_op, dtype):
+    """The op reads float64/float32 counters in place and converts others: same bits either way,
+    and the value matters (t = 1 gives other bits than t = 7)."""
+    def params_after(step):
+        st, layer = _problem([64], [(0, 0, 64, 0)], 1, 0.0)  # same seed: same start every time
+        cpu_op.fragment_update(st["params"], st["grads"], st["exp_avgs"], st["exp_avg_sqs"], [], [step],
+                               torch.tensor([[0, 0, 64, 0]]), torch.tensor(True), layer["clip_coef"],
+                               layer["alpha"], None, half_out=[], **HP)
+        return st["params"][0]
+
+    at_7 = params_after(torch.tensor(7.0, dtype=torch.float64))
+    assert torch.equal(params_after(torch.tensor(7, dtype=dtype)), at_7)
+    assert not torch.equal(params_after(torch.tensor(1.0, dtype=torch.float64)), at_7)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
