@@ -1,8 +1,26 @@
 """Small models and comparison helpers shared by the tests."""
 from __future__ import annotations
 
+import socket
+
 import torch
 from torch import nn
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct ports that were free a moment ago (held together, so never the same one twice)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
 
 
 class Block(nn.Module):

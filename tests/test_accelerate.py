@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from deepspeed import DeepSpeedEngine
 
 import stratopt_ds
 from stratopt_ds.accelerate import bind_prepared, deepspeed_plugin, distributed_state
+from helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 OFFLOAD = ROOT / "ds_configs" / "hf" / "zero2_offload.json"
@@ -98,9 +98,7 @@ def test_distributed_state_is_a_no_op_outside_a_launcher(monkeypatch):
 
 
 def test_accelerate_launch_trains_ours_at_zero2_with_offload(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = tmp_path / "run"
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "2", "--num_machines", "1",
            "--use_deepspeed", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),

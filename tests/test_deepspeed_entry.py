@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from stratopt_ds.deepspeed import initialize, load_config, prepare_config, resolve_optimizer_name
+from helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,7 +91,7 @@ assert release_cpu_comm_shm() is None  # idempotent
 dist.destroy_process_group()
 print("ok", path.name)
 '''
-    port = "29877"
+    port = str(free_port())
     r = subprocess.run([sys.executable, "-c", script, port], capture_output=True, text=True,
                        timeout=120, cwd=ROOT)
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr

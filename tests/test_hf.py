@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import warnings
@@ -23,16 +22,11 @@ from transformers.training_args import OptimizerNames
 import stratopt_ds
 from stratopt_ds import hf, models
 from stratopt_ds.hf import StratTrainer, StratTrainingArguments, parse_optim_args
+from helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 HF_CONFIGS = ROOT / "ds_configs" / "hf"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def parse(tmp_path, *argv: str) -> StratTrainingArguments:

@@ -13,7 +13,6 @@ import csv
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "launch"
@@ -37,18 +37,6 @@ def env(**extra) -> dict:
     base = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
     return {**base, "OMP_NUM_THREADS": "1", "DEEPSPEED": str(Path(sys.executable).parent / "deepspeed"),
             **{k: str(v) for k, v in extra.items()}}
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct ports that were free a moment ago (held together, so never the same one twice)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def run(cmd, cwd, timeout=60, **extra) -> subprocess.CompletedProcess:

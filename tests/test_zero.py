@@ -12,31 +12,45 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "dist" / "zero_worker.py"
 TOL = 1e-5
-_port = iter(range(29700, 29800))
 
 
-def launch(world: int, suite: str, out_dir: Path, timeout: int = 900, ops: str = "native") -> list[dict]:
-    """Run ``suite`` on ``world`` ranks. ``ops`` picks the update backend in every rank:
-    the matrix runs the native CPU kernel (it must build), the entry-path cases the reference."""
-    out = out_dir / f"{suite}-{world}.json"
+def launch(world: int, suites: list[str], out_dir: Path, timeout: int = 900, ops: str = "native") -> list[dict]:
+    """Run ``suites`` in order in one launch on ``world`` ranks; every row names its suite.
+    ``ops`` picks the update backend in every rank: the matrix runs the native CPU kernel (it
+    must build), the entry-path cases the reference."""
+    out = out_dir / f"{'-'.join(suites)}-{world}.json"
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(world),
-           "--master_port", str(next(_port)), str(WORKER), "--suite", suite, "--out", str(out)]
+           "--master_port", str(free_port()), str(WORKER), "--suite", *suites, "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "STRATOPT_OPS": ops}
     proc = subprocess.run(cmd, cwd=out_dir, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0 or not out.exists():
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
-        pytest.fail(f"{suite} at world size {world} failed (rc={proc.returncode}):\n{tail}")
+        pytest.fail(f"{suites} at world size {world} failed (rc={proc.returncode}):\n{tail}")
     return json.loads(out.read_text())
 
 
+# One launch per world size runs every suite that needs it. The order matters: a reshard load
+# reads a checkpoint an earlier launch saved (4 ranks -> 2, 2 ranks -> 3).
+LAUNCHES = [(1, ["matrix"]), (4, ["matrix", "reshard_save"]),
+            (2, ["matrix", "no_reduce", "reshard_save", "reshard_load"]),
+            (3, ["matrix", "no_reduce", "reshard_load"])]
+
+
 @pytest.fixture(scope="module")
-def matrix(tmp_path_factory):
+def launched(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("zero")
-    return [r for world in (1, 2, 3, 4) for r in launch(world, "matrix", out_dir)]
+    rows = [r for world, suites in LAUNCHES for r in launch(world, suites, out_dir)]
+    return lambda suite: [r for r in rows if r["suite"] == suite]
+
+
+@pytest.fixture(scope="module")
+def matrix(launched):
+    return launched("matrix")
 
 
 def _label(r):
@@ -85,17 +99,18 @@ def test_exactly_one_allreduce_per_step(matrix):
         assert r["allreduce_calls"] == expected, _label(r)
 
 
-def test_disabling_the_norm_reduction_is_detected(tmp_path):
+def test_disabling_the_norm_reduction_is_detected(launched):
     """Per-partition norms must make the same comparison fail: the test can see them."""
-    for world in (2, 3):
-        for r in launch(world, "no_reduce", tmp_path):
-            assert r["rel_err"] > 100 * TOL, _label(r)
-            assert not r["norms_same_on_ranks"], _label(r)
+    rows = launched("no_reduce")
+    assert {r["world"] for r in rows} == {2, 3}
+    for r in rows:
+        assert r["rel_err"] > 100 * TOL, _label(r)
+        assert not r["norms_same_on_ranks"], _label(r)
 
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
-    rows = launch(2, "paths", tmp_path_factory.mktemp("paths"), ops="reference")
+    rows = launch(2, ["paths"], tmp_path_factory.mktemp("paths"), ops="reference")
     return {(r["case"], r["cfg"]["stage"], r["cfg"].get("offload"), bool(r["cfg"].get("bf16"))): r for r in rows}
 
 
@@ -125,12 +140,10 @@ def test_unsupported_settings_give_clear_errors(paths):
     assert "zero_optimization.stage=0" in paths[("unsupported", 0, False, True)]["error"]
 
 
-def test_resume_at_another_world_size_continues_the_reference(tmp_path):
+def test_resume_at_another_world_size_continues_the_reference(launched):
     """Save at step 8 (2 or 4 ranks), resume at 3 or 2 ranks (even another stage): the run
     still equals the single-process reference after 20 steps."""
-    launch(2, "reshard_save", tmp_path)
-    launch(4, "reshard_save", tmp_path)
-    rows = launch(3, "reshard_load", tmp_path) + launch(2, "reshard_load", tmp_path)
+    rows = launched("reshard_load")
     assert {r["case"] for r in rows} == {"s2_2to3", "s1_2to_s3_3", "s3off_4to2"}
     for r in rows:
         assert r["rel_err"] <= TOL, r

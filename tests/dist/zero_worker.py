@@ -366,23 +366,14 @@ def run_reshard(phase, ckpt_root):
 SUITES = {"matrix": matrix, "no_reduce": no_reduce}  # configuration lists, compared with one process
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--suite", choices=[*SUITES, "paths", "reshard_save", "reshard_load"],
-                        required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--local_rank", type=int, default=0)
-    args = parser.parse_args()
-    deepspeed.init_distributed(dist_backend="gloo")
-    stratopt_ds.deepspeed.release_cpu_comm_shm()
+def run_suite(suite, out_dir):
+    if suite == "paths":
+        return run_paths(out_dir)
+    if suite.startswith("reshard_"):
+        return run_reshard(suite.split("_")[1], out_dir)
     world, rank = dist.get_world_size(), dist.get_rank()
     results = []
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if args.suite == "paths":
-        results = run_paths(out_dir)
-    elif args.suite.startswith("reshard_"):
-        results = run_reshard(args.suite.split("_")[1], out_dir)
-    for cfg in (SUITES[args.suite](world) if args.suite in SUITES else []):
+    for cfg in SUITES[suite](world):
         params, norms, same, calls, kind, layout = ds_run(cfg)
         if rank == 0:
             ref_params, ref_norms = reference_run(cfg, world)
@@ -391,7 +382,21 @@ def main():
                                 norm_rel_err=float(((norms - ref_norms).abs() / ref_norms.abs().clamp_min(1e-30)).max()),
                                 norms_same_on_ranks=same, allreduce_calls=calls, steps=STEPS))
         dist.barrier()
-    if rank == 0:
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--suite", nargs="+", choices=[*SUITES, "paths", "reshard_save", "reshard_load"],
+                        required=True, help="run in this order in one launch (every launch costs seconds)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--local_rank", type=int, default=0)
+    args = parser.parse_args()
+    deepspeed.init_distributed(dist_backend="gloo")
+    stratopt_ds.deepspeed.release_cpu_comm_shm()
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    results = [dict(row, suite=suite) for suite in args.suite for row in run_suite(suite, out_dir)]
+    if dist.get_rank() == 0:
         with open(args.out, "w") as fh:
             json.dump(results, fh, indent=1)
     dist.barrier()
