@@ -31,6 +31,8 @@
 #include <string>
 #include <vector>
 
+#include "../common/update_scalars.h"
+
 namespace stratopt_cpu {
 
 constexpr int kLanes = 64;              // fp32 lanes of one block reduction
@@ -104,12 +106,7 @@ struct UpdateTensor {
   int out_type;       // of out16: 1 bfloat16, 2 float16
 };
 
-// Per-fragment scalars, computed in float64 on the host exactly as the reference computes its
-// 0-dim float64 tensors, then rounded to float32 (as torch does when it meets a float32 tensor).
-struct FragScalars {
-  float coef, w1, omw1, w2, omw2, w3, omw3, bc1, bc2, a, decay, step, eps;
-  bool small1, small2, small3;
-};
+using stratopt::FragScalars;  // per-fragment scalars, derived in ../common/update_scalars.h
 
 struct UpdatePlan : BlockList {
   std::vector<UpdateTensor> tensors;
@@ -391,20 +388,6 @@ at::Tensor fragment_sumsq(const std::vector<at::Tensor>& grads, const at::Tensor
 
 // ---- the fused update ------------------------------------------------------------------------
 
-static double beta3_at(double t, double b1, double b3, int64_t t_beta3) {
-  if (t_beta3 <= 0) return b3;
-  const double s = std::min(t / static_cast<double>(t_beta3), 1.0);
-  const double ln_half = std::log(0.5);
-  const double h = (1.0 - s) * (ln_half / std::log(b1) - 1.0) + s * (ln_half / std::log(b3) - 1.0);
-  return std::pow(0.5, 1.0 / (h + 1.0));
-}
-
-static void set_weight(double w, float& wf, float& omw, bool& small) {
-  wf = static_cast<float>(w);
-  omw = 1.0f - wf;
-  small = std::fabs(wf) < 0.5f;
-}
-
 void fragment_update(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                      const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
                      const std::vector<at::Tensor>& exp_avg_slows, const std::vector<at::Tensor>& steps,
@@ -470,29 +453,12 @@ void fragment_update(const std::vector<at::Tensor>& params, const std::vector<at
   const double* coef = coef_v.data_ptr<double>();
   const double* alph = alpha_v.data_ptr<double>();
   const double* b1l = b1_v.defined() ? b1_v.data_ptr<double>() : nullptr;
-  const double keep = is_finite ? 1.0 : 0.0;
-  const double lr_k = lr * keep;
+  const stratopt::UpdateHyper hyper{beta2, eps, weight_decay, beta3, mix_alpha, t_alpha, t_beta3};
   for (int64_t i = 0; i < frags.size(0); ++i) {
     const int64_t tensor = f[4 * i], layer = f[4 * i + 3];
     plan.add(tensor, f[4 * i + 1], f[4 * i + 2]);
-    const double t = t_of[tensor];
-    const double b1 = b1l ? b1l[layer] : beta1;
-    FragScalars s{};
-    s.coef = static_cast<float>(coef[layer]);
-    set_weight((1.0 - b1) * keep, s.w1, s.omw1, s.small1);
-    set_weight((1.0 - beta2) * keep, s.w2, s.omw2, s.small2);
-    s.bc1 = static_cast<float>(1.0 - std::pow(b1, t));
-    s.bc2 = static_cast<float>(1.0 - std::pow(beta2, t));
-    if (has_m2) {
-      const double a = t_alpha <= 0 ? mix_alpha
-                                    : mix_alpha * std::min(t / static_cast<double>(t_alpha), 1.0);
-      s.a = static_cast<float>(a);
-      set_weight((1.0 - beta3_at(t, b1, beta3, t_beta3)) * keep, s.w3, s.omw3, s.small3);
-    }
-    s.decay = static_cast<float>(1.0 - lr_k * weight_decay);
-    s.step = static_cast<float>(-lr_k * alph[layer]);
-    s.eps = static_cast<float>(eps);
-    plan.scalars.push_back(s);
+    plan.scalars.push_back(stratopt::frag_scalars(hyper, t_of[tensor], b1l ? b1l[layer] : beta1, lr,
+                                                  is_finite, coef[layer], alph[layer], has_m2));
   }
   switch (isa()) {
     case Isa::kAvx512: isa_avx512::update_blocks(plan, is_finite); break;

@@ -6,6 +6,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "../common/update_scalars.h"
+
 namespace stratopt_cuda {
 namespace {
 
@@ -17,33 +19,16 @@ template <> __device__ __forceinline__ float to_f<__half>(__half x) { return __h
 // A group of 4 gradient elements in one aligned load (16 B for fp32, 8 B for 16-bit types).
 template <typename G> struct alignas(4 * sizeof(G)) Vec4 { G x[4]; };
 
-struct Scal {
-  float coef, w1, omw1, w2, omw2, w3, omw3, bc1, bc2, a, decay, step, eps;
-  bool small1, small2, small3, skip;
-};
+using stratopt::FragScalars;  // per-fragment scalars, derived in ../common/update_scalars.h
 
 __device__ __forceinline__ float lerp_f(float self, float end, float w, float omw, bool small) {
   const float d = __fsub_rn(end, self);
   return small ? __fmaf_rn(w, d, self) : __fmaf_rn(-d, omw, end);
 }
 
-__device__ __forceinline__ void set_weight(double w, float& wf, float& omw, bool& small) {
-  wf = static_cast<float>(w);
-  omw = __fsub_rn(1.0f, wf);
-  small = fabsf(wf) < 0.5f;
-}
-
-__device__ double beta3_at(double t, double b1, double b3, int64_t t_beta3) {
-  if (t_beta3 <= 0) return b3;
-  const double s = fmin(t / static_cast<double>(t_beta3), 1.0);
-  const double ln_half = log(0.5);
-  const double h = (1.0 - s) * (ln_half / log(b1) - 1.0) + s * (ln_half / log(b3) - 1.0);
-  return pow(0.5, 1.0 / (h + 1.0));
-}
-
 // One element of the update: the same sequence as stratopt_ds/ops/reference.py.
 template <bool M2>
-__device__ __forceinline__ float update_one(const Scal& s, float graw, float& p, float& m1, float& v,
+__device__ __forceinline__ float update_one(const FragScalars& s, float graw, float& p, float& m1, float& v,
                                             float& m2) {
   const float g = __fmul_rn(graw, s.coef);
   m1 = lerp_f(m1, g, s.w1, s.omw1, s.small1);
@@ -78,35 +63,18 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const int64_t* __restr
                                                           const double* __restrict__ alpha,
                                                           const double* __restrict__ beta1_layer,
                                                           Hyper h) {
-  __shared__ Scal s;
+  __shared__ FragScalars s;
+  __shared__ bool skip;
   const int64_t* row = chunks + 4 * static_cast<int64_t>(blockIdx.x);
   const int64_t tensor = row[0], begin = row[1], n = row[2], layer = row[3];
   const int64_t* tp = ptrs + kPtrCols * tensor;
   if (threadIdx.x == 0) {  // per-chunk scalars in float64, from device memory
     const bool ok = *finite;
-    const double keep = ok ? 1.0 : 0.0;
     const double t = fmax(*reinterpret_cast<const double*>(tp[kStep]), 1.0);
-    const double b1 = beta1_layer ? beta1_layer[layer] : h.beta1;
-    const double lr_k = (h.lr_device ? *h.lr_device : h.lr) * keep;
-    Scal x;
-    x.skip = !ok;
-    x.coef = static_cast<float>(clip_coef[layer]);
-    set_weight((1.0 - b1) * keep, x.w1, x.omw1, x.small1);
-    set_weight((1.0 - h.beta2) * keep, x.w2, x.omw2, x.small2);
-    x.bc1 = static_cast<float>(1.0 - pow(b1, t));
-    x.bc2 = static_cast<float>(1.0 - pow(h.beta2, t));
-    x.a = 0.0f;
-    x.w3 = x.omw3 = 0.0f;
-    x.small3 = true;
-    if (M2) {
-      x.a = static_cast<float>(h.t_alpha <= 0 ? h.mix_alpha
-                                              : h.mix_alpha * fmin(t / static_cast<double>(h.t_alpha), 1.0));
-      set_weight((1.0 - beta3_at(t, b1, h.beta3, h.t_beta3)) * keep, x.w3, x.omw3, x.small3);
-    }
-    x.decay = static_cast<float>(1.0 - lr_k * h.weight_decay);
-    x.step = static_cast<float>(-lr_k * alpha[layer]);
-    x.eps = static_cast<float>(h.eps);
-    s = x;
+    const stratopt::UpdateHyper uh{h.beta2, h.eps, h.weight_decay, h.beta3, h.mix_alpha, h.t_alpha, h.t_beta3};
+    s = stratopt::frag_scalars(uh, t, beta1_layer ? beta1_layer[layer] : h.beta1,
+                               h.lr_device ? *h.lr_device : h.lr, ok, clip_coef[layer], alpha[layer], M2);
+    skip = !ok;
   }
   __syncthreads();
   float* p = reinterpret_cast<float*>(tp[kParam]) + begin;
@@ -116,9 +84,9 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const int64_t* __restr
   float* m2 = M2 ? reinterpret_cast<float*>(tp[kM2]) + begin : nullptr;
   using O = typename OutT<OUT>::T;
   O* out = OUT ? reinterpret_cast<O*>(tp[kOut]) + begin : nullptr;
-  const Scal sc = s;
+  const FragScalars sc = s;
 
-  if (sc.skip) {  // skipped step: weights and states untouched; the 16-bit copy stays exact
+  if (skip) {  // skipped step: weights and states untouched; the 16-bit copy stays exact
     if constexpr (OUT != 0)
       for (int64_t i = threadIdx.x; i < n; i += blockDim.x) out[i] = round_out<OUT>(p[i]);
     return;
