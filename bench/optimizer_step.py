@@ -336,7 +336,7 @@ def round_ratio(per_round, fn, *names):
 
 
 def show_ratio(r) -> str:
-    return f"{r[0]:.2f}x (rounds {r[1]:.2f}-{r[2]:.2f})"
+    return f"{r[0]:.3f}x (rounds {r[1]:.2f}-{r[2]:.2f})"
 
 
 def main():
