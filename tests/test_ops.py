@@ -121,7 +121,7 @@ def _fp64_update(p, g, m1, v, m2, t, coef, alpha, b1, hp):
     return p, m1, v, m2
 
 
-def _problem(sizes, frags, num_layers, mix, grad_dtype=torch.float32, seed=0):
+def _problem(sizes, num_layers, mix, grad_dtype=torch.float32, seed=0):
     gen = torch.Generator().manual_seed(seed)
     n = len(sizes)
     rnd = lambda k, s=1.0: [torch.randn(x, generator=gen) * s for x in sizes]  # noqa: E731
@@ -159,7 +159,7 @@ def test_cpu_update_matches_fp64_and_reference(cpu_op, mix, grad_dtype):
         cut = n // 3
         frags += [(i, 0, cut, i % 5), (i, cut, 0, 6), (i, cut, n - cut, (i + 2) % 7)]
     hp = dict(mix_alpha=mix, t_alpha=10, t_beta3=10)
-    st, layer = _problem(sizes, frags, 7, mix, grad_dtype)
+    st, layer = _problem(sizes, 7, mix, grad_dtype)
     nat, ref = _clone(st), _clone(st)
     with use_backend("native"):
         _call(dispatch.fragment_update, nat, frags, layer, **hp)
@@ -212,7 +212,7 @@ HALF_EDGES = {
 def test_half_copy_is_bit_exact(cpu_op, dtype):
     sizes = [1, 17, 4099]
     frags = [(i, 0, n, 0) for i, n in enumerate(sizes)]
-    st, layer = _problem(sizes, frags, 1, 0.0)
+    st, layer = _problem(sizes, 1, 0.0)
     edges = torch.tensor(HALF_EDGES[dtype])
     st["params"][2][: edges.numel()] = edges
     for finite in (False, True):  # a skipped step first: it copies the edges unchanged
@@ -260,7 +260,7 @@ def test_reruns_and_thread_counts_are_bitwise_identical(cpu_op):
     sizes = [300_001, 70_003, 5]
     frags = [(0, 0, 150_000, 0), (0, 150_000, 150_001, 1), (1, 0, 70_003, 2), (2, 0, 5, 3)]
     hp = dict(mix_alpha=5.0, t_alpha=10, t_beta3=10)
-    st, layer = _problem(sizes, frags, 7, 5.0)
+    st, layer = _problem(sizes, 7, 5.0)
     threads = torch.get_num_threads()
     try:
         results = []
@@ -314,7 +314,7 @@ def test_empty_partitions_and_fragments(cpu_op):
         empty = torch.empty(0)
         assert torch.equal(dispatch.fragment_sumsq([empty], [(0, 0, 0, 1)], 3),
                            torch.zeros(3, dtype=torch.float64))
-        st, layer = _problem([0, 5], [(1, 0, 5, 0)], 2, 0.0)
+        st, layer = _problem([0, 5], 2, 0.0)
         before = _clone(st)
         _call(dispatch.fragment_update, st, [(0, 0, 0, 1), (1, 2, 0, 0)], layer)  # nothing to do
         for key in ("params", "exp_avgs", "exp_avg_sqs"):
@@ -325,7 +325,7 @@ def test_empty_partitions_and_fragments(cpu_op):
 
 def test_misaligned_views_are_handled(cpu_op):
     base = torch.randn(4 * 1001 + 1)
-    st, layer = _problem([1000] * 1, [(0, 0, 1000, 0)], 1, 5.0)
+    st, layer = _problem([1000] * 1, 1, 5.0)
     views = {k: torch.zeros(1001 * 5)[1:1001] for k in ("p",)}  # storage offset 1: not 16-B aligned
     p = views["p"]
     p.copy_(base[:1000])
@@ -346,7 +346,7 @@ def test_misaligned_views_are_handled(cpu_op):
 def test_strided_gradients_are_copied_for_the_native_op(cpu_op):
     """A strided gradient (here 1-D, where reshape(-1) would keep the strides) goes through the
     dispatcher natively and gives the reference's result; the raw op rejects it (below)."""
-    st, layer = _problem([64], [(0, 0, 64, 0)], 1, 0.0)
+    st, layer = _problem([64], 1, 0.0)
     st["grads"] = [torch.randn(64, 2).t()[0]]
     assert not st["grads"][0].is_contiguous()
     ref = _clone(st)
@@ -359,7 +359,7 @@ def test_strided_gradients_are_copied_for_the_native_op(cpu_op):
 
 
 def test_bad_arguments_are_rejected_clearly(cpu_op):
-    st, layer = _problem([64], [(0, 0, 64, 0)], 1, 0.0)
+    st, layer = _problem([64], 1, 0.0)
     args = lambda **o: ({**st, **o}, [[0, 0, 64, 0]], layer)  # noqa: E731
     table = lambda rows: torch.tensor(rows, dtype=torch.int64)  # noqa: E731
 
@@ -397,7 +397,7 @@ def test_step_counter_of_any_dtype_is_read_by_value(cpu_op, dtype):
     """The op reads float64/float32 counters in place and converts others: same bits either way,
     and the value matters (t = 1 gives other bits than t = 7)."""
     def params_after(step):
-        st, layer = _problem([64], [(0, 0, 64, 0)], 1, 0.0)  # same seed: same start every time
+        st, layer = _problem([64], 1, 0.0)  # same seed: same start every time
         cpu_op.fragment_update(st["params"], st["grads"], st["exp_avgs"], st["exp_avg_sqs"], [], [step],
                                torch.tensor([[0, 0, 64, 0]]), torch.tensor(True), layer["clip_coef"],
                                layer["alpha"], None, half_out=[], **HP)
@@ -564,7 +564,7 @@ def test_cuda_update_and_sumsq_match_reference(mix):
     frags = [(i, 0, n // 2, i % 3) for i, n in enumerate(sizes)] + \
             [(i, n // 2, n - n // 2, 3) for i, n in enumerate(sizes)]
     hp = dict(mix_alpha=mix, t_alpha=10, t_beta3=10)
-    st, layer = _problem(sizes, frags, 4, mix)
+    st, layer = _problem(sizes, 4, mix)
     dev = torch.device("cuda")
     gpu = {k: ([x.to(dev) for x in v] if isinstance(v, list) else v) for k, v in st.items()}
     glayer = {k: v.to(dev) for k, v in layer.items()}
