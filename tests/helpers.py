@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import socket
 
+import pytest
 import torch
 from torch import nn
 
@@ -21,6 +22,16 @@ def free_ports(n: int) -> list[int]:
 
 def free_port() -> int:
     return free_ports(1)[0]
+
+
+def assert_usage_error(main, argv: list[str], words: list[str], capsys) -> None:
+    """``main(argv)`` exits with argparse's usage status 2, and stderr names every word."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    for word in words:
+        assert word in err, (word, err)
 
 
 class Block(nn.Module):

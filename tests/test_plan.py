@@ -8,6 +8,7 @@ from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem
 
 from stratopt_ds import available_optimizers, models, plan
 from stratopt_ds.optim import preset_defaults
+from helpers import assert_usage_error
 
 SHAPES = {name: (models.count_parameters(plan.preset_shape(name)),
                  plan.largest_layer_params(plan.preset_shape(name))) for name in ("134m", "1b", "7b")}
@@ -125,9 +126,4 @@ def test_cli_never_builds_the_model(monkeypatch, capsys):
     (["--preset", "7b", "--nodes", "two"], ["--nodes", "invalid int value"]),
 ])
 def test_cli_errors_name_the_option(argv, words, capsys):
-    with pytest.raises(SystemExit) as exc:
-        plan.main(argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    for word in words:
-        assert word in err, (word, err)
+    assert_usage_error(plan.main, argv, words, capsys)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from stratopt_ds import data, models, train
+from helpers import assert_usage_error
 
 FAST = ["--no-progress", "--eval-batches", "2"]
 
@@ -192,12 +193,7 @@ def assert_refused_before_any_work(argv, words, capsys, monkeypatch):
 
     monkeypatch.setattr(data, "prepare_corpus", no_work)
     monkeypatch.setattr(models, "build_model", no_work)
-    with pytest.raises(SystemExit) as exc:
-        train.main(argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    for word in words:
-        assert word in err, (word, err)
+    assert_usage_error(train.main, argv, words, capsys)
 
 
 @pytest.mark.parametrize("argv, words", [
