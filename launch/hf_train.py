@@ -60,8 +60,9 @@ def parse(argv: Optional[list[str]] = None) -> tuple[ModelDataArguments, StratTr
         data.check_source(margs.data)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
-    if margs.data == "fineweb":
-        parser.error("--data fineweb streams from the network; this script reads local data only")
+    if data.resolve_source(margs.data) == "fineweb":  # 'auto' too, where the hub answers
+        parser.error(f"--data {margs.data} streams FineWeb from the network; this script reads "
+                     "local data only (give a file or 'synthetic')")
     return margs, targs
 
 

@@ -356,6 +356,8 @@ class DeepSpeedRun:
                                                       warmup_num_steps=args.warmup_steps)
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         release_cpu_comm_shm()  # before anything can fail: a crashed run leaves no 66 MB per rank
+        if torch.cuda.is_available():  # NCCL collectives below use the current device: one per rank
+            torch.cuda.set_device(args.local_rank)
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
         self.gas = int(config.get("gradient_accumulation_steps", 1))
         self.check_ranks_agree(args)
@@ -400,8 +402,8 @@ class DeepSpeedRun:
             self.model.backward(loss)
             self.model.step()
             losses.append(loss.detach().float())
-        mean = torch.stack(losses).mean().cpu()  # the logged loss: mean over the global batch
-        self.dist.all_reduce(mean)
+        mean = torch.stack(losses).mean()  # the logged loss: mean over the global batch
+        self.dist.all_reduce(mean)  # on the model's device: NCCL reduces no CPU tensor
         return mean.item() / self.world
 
     def save(self, directory: Path, step: int, client: dict, identity: dict) -> None:

@@ -305,3 +305,24 @@ def test_scheduler_passed_next_to_a_deepspeed_scheduler_is_refused(worker):  # t
     assert worker["scheduler_conflict"]["error"] == (
         'ValueError: a scheduler was passed in optimizers=(optimizer, scheduler) and the DeepSpeed '
         'config has a "scheduler" section (the Trainer would drop the one passed); remove one of them')
+
+
+@pytest.mark.parametrize("source,hub", [("fineweb", False), ("auto", True)])
+def test_hf_script_refuses_network_data(source, hub, monkeypatch, capsys):
+    """launch/hf_train.py reads local data only: 'fineweb', and 'auto' where the hub answers
+    (it would resolve to FineWeb), stop at parse time with a usage error naming --data."""
+    import importlib.util
+
+    from stratopt_ds import data
+
+    spec = importlib.util.spec_from_file_location("hf_train", ROOT / "launch" / "hf_train.py")
+    script = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "hf_train", script)  # its dataclasses look themselves up there
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(data, "hub_reachable", lambda timeout=3.0: hub)
+    with pytest.raises(SystemExit) as exc:
+        script.parse(["--data", source, "--output_dir", "unused"])
+    assert exc.value.code == 2 and f"--data {source} streams FineWeb" in capsys.readouterr().err
+    monkeypatch.setattr(data, "hub_reachable", lambda timeout=3.0: False)
+    margs, _ = script.parse(["--data", "auto", "--output_dir", "unused"])  # offline: synthetic, accepted
+    assert margs.data == "auto"

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def launch(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+    port = free_port()
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
            "--module", "stratopt_ds.train", "--deepspeed_config", str(ROOT / "ds_configs" / "tiny_zero2_cpu.json"),
            "--steps", "20", "--batch-size", "16", "--out", str(out), "--no-progress", "--eval-batches", "2",
            "--save-every", "10", *extra]
@@ -26,7 +27,7 @@ def launch(out: Path, *extra: str) -> subprocess.CompletedProcess:
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # DeepSpeed's CPU all-reduce buffers of this job are gone (release_cpu_comm_shm)
-    assert not list(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*_29811_*"))
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     return proc
 
 
