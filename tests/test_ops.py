@@ -525,6 +525,19 @@ def test_cuda_op_compiles_and_links_against_cuda_torch(tmp_path):
     assert (tmp_path / "stratopt_cuda_glue_check.so").stat().st_size > 0
 
 
+def test_cuda_pointer_table_refuses_strided_tensors():
+    """The CUDA kernel walks each tensor as flat memory from its address: the pointer table
+    (built here on CPU, as the chunk tables below) refuses a strided parameter by name, once per
+    set of addresses, and takes contiguous ones."""
+    good, strided = torch.zeros(4, 3), torch.zeros(3, 4).t()
+    rows = ((strided.data_ptr(), 0, 0, 0, 0, 0, 0),)
+    with pytest.raises(ValueError, match=r"params\[1\] is not contiguous"):
+        dispatch._cuda_ptrs(rows, torch.device("cpu"), dict(params=[good, strided], half_out=[None, None]))
+    rows = ((good.data_ptr(), 1, 0, 0, 0, 0, 0),)
+    table = dispatch._cuda_ptrs(rows, torch.device("cpu"), dict(params=[good], half_out=[None]))
+    assert table.tolist() == [list(rows[0])]
+
+
 def test_cuda_chunk_tables_cover_every_fragment_once():
     """The host-side tables of the CUDA kernels, built and checked on CPU: chunks of at most
     CHUNK elements tile every fragment exactly once, carry its layer, and the per-layer chunk

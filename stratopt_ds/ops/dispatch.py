@@ -139,10 +139,22 @@ def _cuda_chunks(frags: Sequence[Sequence[int]], num_layers: int, chunk: int, de
     return _cached(("chunks", str(device), num_layers, chunk, rows), build)
 
 
-def _cuda_ptrs(rows: tuple, device: torch.device) -> torch.Tensor:
+def _cuda_ptrs(rows: tuple, device: torch.device, tensors: Optional[dict] = None) -> torch.Tensor:
     """The (n, 7) device pointer table of tuple ``rows``; cached by the addresses, so
-    steady-state steps (and CUDA-graph capture after a warm-up step) make no host-to-device copy."""
-    return _cached(("ptrs", str(device), rows), lambda: _to_device(rows, device))
+    steady-state steps (and CUDA-graph capture after a warm-up step) make no host-to-device copy.
+
+    The kernel walks every tensor as flat memory from its address, so a strided tensor would
+    pair the wrong elements: ``tensors`` (name -> list, None entries allowed) are checked when a
+    table is built, i.e. once per set of addresses, off the steady-state path."""
+    def build():
+        for name, items in (tensors or {}).items():
+            for i, x in enumerate(items):
+                if x is not None and not x.is_contiguous():
+                    raise ValueError(f"{name}[{i}] is not contiguous (shape {tuple(x.shape)}, strides "
+                                     f"{x.stride()}): the fused update needs contiguous tensors")
+        return _to_device(rows, device)
+
+    return _cached(("ptrs", str(device), rows), build)
 
 
 def fragment_sumsq(grads: Sequence[torch.Tensor], frags: Sequence[Sequence[int]], num_layers: int,
@@ -224,7 +236,9 @@ def fragment_update(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor
             if lr_tensor is not None:  # read in the kernel: no host sync, graph-replayable
                 kw["lr"] = 0.0
                 lr_tensor = lr_tensor.to(device=at, dtype=torch.float64).reshape(1)
-            module.update(_cuda_ptrs(ptrs, at), gtype, chunks, finite, clip_coef, alpha, beta1_layer,
+            states = dict(params=params, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+                          exp_avg_slows=slows, half_out=outs)
+            module.update(_cuda_ptrs(ptrs, at, states), gtype, chunks, finite, clip_coef, alpha, beta1_layer,
                           out_type=out_codes.pop() if out_codes else 0, lr_tensor=lr_tensor, **kw)
             return
     reference.fragment_update(params, grads, exp_avgs, exp_avg_sqs, exp_avg_slows, steps, rows,
