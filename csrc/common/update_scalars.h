@@ -37,6 +37,8 @@ struct FragScalars {
 struct UpdateHyper {
   double beta2, eps, weight_decay, beta3, mix_alpha;
   int64_t t_alpha, t_beta3;
+  // The slow momentum m2 exists only with mix_alpha > 0 (spec section 4: no m2 is allocated).
+  STRATOPT_HOST_DEVICE bool has_m2() const { return mix_alpha > 0.0; }
 };
 
 // b3(t) of spec section 2: linear in half-life space from b1 to b3 over t_beta3 steps.
@@ -54,27 +56,25 @@ STRATOPT_HOST_DEVICE void set_lerp_weight(double w, float& wf, float& omw, bool&
   small = fabsf(wf) < 0.5f;
 }
 
-// t: the step counter (>= 1); b1: this layer's beta1; lr: the learning rate; finite: false on
-// a skipped step, where every weight and lr becomes 0 and the update leaves p, m1, v, m2
-// bit-identical; coef, alpha: the layer's clipping factor and scale; has_m2: mix_alpha > 0.
+// t: the step counter (>= 1); b1: this layer's beta1; lr: the learning rate; coef, alpha: the
+// layer's clipping factor and scale. (A skipped step never reads these: both kernels then leave
+// p, m1, v, m2 untouched and only refresh the 16-bit copy.)
 STRATOPT_HOST_DEVICE FragScalars frag_scalars(const UpdateHyper& h, double t, double b1, double lr,
-                                              bool finite, double coef, double alpha, bool has_m2) {
-  const double keep = finite ? 1.0 : 0.0;
-  const double lr_k = lr * keep;
+                                              double coef, double alpha) {
   FragScalars s{};
   s.coef = static_cast<float>(coef);
-  set_lerp_weight((1.0 - b1) * keep, s.w1, s.omw1, s.small1);
-  set_lerp_weight((1.0 - h.beta2) * keep, s.w2, s.omw2, s.small2);
+  set_lerp_weight(1.0 - b1, s.w1, s.omw1, s.small1);
+  set_lerp_weight(1.0 - h.beta2, s.w2, s.omw2, s.small2);
   s.bc1 = static_cast<float>(1.0 - pow(b1, t));
   s.bc2 = static_cast<float>(1.0 - pow(h.beta2, t));
   s.small3 = true;
-  if (has_m2) {
+  if (h.has_m2()) {
     s.a = static_cast<float>(h.t_alpha <= 0 ? h.mix_alpha
                                             : h.mix_alpha * fmin(t / static_cast<double>(h.t_alpha), 1.0));
-    set_lerp_weight((1.0 - beta3_at(t, b1, h.beta3, h.t_beta3)) * keep, s.w3, s.omw3, s.small3);
+    set_lerp_weight(1.0 - beta3_at(t, b1, h.beta3, h.t_beta3), s.w3, s.omw3, s.small3);
   }
-  s.decay = static_cast<float>(1.0 - lr_k * h.weight_decay);
-  s.step = static_cast<float>(-lr_k * alpha);
+  s.decay = static_cast<float>(1.0 - lr * h.weight_decay);
+  s.step = static_cast<float>(-lr * alpha);
   s.eps = static_cast<float>(h.eps);
   return s;
 }

@@ -401,7 +401,8 @@ void fragment_update(const std::vector<at::Tensor>& params, const std::vector<at
               "stratopt cpu op: params, grads, exp_avgs, exp_avg_sqs and steps must have the same "
               "length (", n, ", ", grads.size(), ", ", exp_avgs.size(), ", ", exp_avg_sqs.size(), ", ",
               steps.size(), ")");
-  const bool has_m2 = mix_alpha > 0.0;
+  const stratopt::UpdateHyper hyper{beta2, eps, weight_decay, beta3, mix_alpha, t_alpha, t_beta3};
+  const bool has_m2 = hyper.has_m2();
   TORCH_CHECK(!has_m2 || exp_avg_slows.size() == n, "stratopt cpu op: mix_alpha > 0 needs one "
               "exp_avg_slow per parameter, got ", exp_avg_slows.size(), " for ", n);
   TORCH_CHECK(half_out.empty() || half_out.size() == n, "stratopt cpu op: half_out must be empty or "
@@ -453,12 +454,11 @@ void fragment_update(const std::vector<at::Tensor>& params, const std::vector<at
   const double* coef = coef_v.data_ptr<double>();
   const double* alph = alpha_v.data_ptr<double>();
   const double* b1l = b1_v.defined() ? b1_v.data_ptr<double>() : nullptr;
-  const stratopt::UpdateHyper hyper{beta2, eps, weight_decay, beta3, mix_alpha, t_alpha, t_beta3};
   for (int64_t i = 0; i < frags.size(0); ++i) {
     const int64_t tensor = f[4 * i], layer = f[4 * i + 3];
     plan.add(tensor, f[4 * i + 1], f[4 * i + 2]);
     plan.scalars.push_back(stratopt::frag_scalars(hyper, t_of[tensor], b1l ? b1l[layer] : beta1, lr,
-                                                  is_finite, coef[layer], alph[layer], has_m2));
+                                                  coef[layer], alph[layer]));
   }
   switch (isa()) {
     case Isa::kAvx512: isa_avx512::update_blocks(plan, is_finite); break;

@@ -6,8 +6,6 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include "../common/update_scalars.h"
-
 namespace stratopt_cuda {
 namespace {
 
@@ -71,9 +69,8 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const int64_t* __restr
   if (threadIdx.x == 0) {  // per-chunk scalars in float64, from device memory
     const bool ok = *finite;
     const double t = fmax(*reinterpret_cast<const double*>(tp[kStep]), 1.0);
-    const stratopt::UpdateHyper uh{h.beta2, h.eps, h.weight_decay, h.beta3, h.mix_alpha, h.t_alpha, h.t_beta3};
-    s = stratopt::frag_scalars(uh, t, beta1_layer ? beta1_layer[layer] : h.beta1,
-                               h.lr_device ? *h.lr_device : h.lr, ok, clip_coef[layer], alpha[layer], M2);
+    s = stratopt::frag_scalars(h.shared, t, beta1_layer ? beta1_layer[layer] : h.beta1,
+                               h.lr_device ? *h.lr_device : h.lr, clip_coef[layer], alpha[layer]);
     skip = !ok;
   }
   __syncthreads();
@@ -225,7 +222,7 @@ cudaError_t update(const int64_t* ptrs, int grad_dtype, const int64_t* chunks, i
   const auto with_args = [&](auto launch) {  // one instantiation per (m2, copy dtype)
     launch(grad_dtype, grid, stream, ptrs, chunks, finite, clip_coef, alpha, beta1_layer, h);
   };
-  switch ((h.has_m2 ? 3 : 0) + h.out_type) {
+  switch ((h.shared.has_m2() ? 3 : 0) + h.out_type) {
     case 0: with_args(launch_update<false, 0>); break;
     case 1: with_args(launch_update<false, 1>); break;
     case 2: with_args(launch_update<false, 2>); break;

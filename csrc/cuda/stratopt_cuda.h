@@ -4,6 +4,8 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
+#include "../common/update_scalars.h"
+
 namespace stratopt_cuda {
 
 // Elements per chunk: a chunk is one CUDA block's work, a piece of one fragment.
@@ -16,9 +18,8 @@ enum PtrCol { kParam = 0, kGrad = 1, kM1 = 2, kV = 3, kM2 = 4, kOut = 5, kStep =
 // Chunk rows (int64 device array of shape (num_chunks, 4)): tensor, begin, length, layer.
 
 struct Hyper {
-  double lr, beta1, beta2, eps, weight_decay, beta3, mix_alpha;
-  int64_t t_alpha, t_beta3;
-  bool has_m2;
+  stratopt::UpdateHyper shared;  // what the per-fragment scalars need besides lr and beta1
+  double lr, beta1;
   int out_type;  // the copy of the updated weights (kOut column): 0 none, 1 bfloat16, 2 float16
   // When set, the learning rate is read from this device scalar instead of `lr`, so a captured
   // CUDA graph replays with the value a scheduler last wrote there.

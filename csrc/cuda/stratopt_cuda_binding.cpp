@@ -73,9 +73,8 @@ void update(const at::Tensor& ptrs, int64_t grad_dtype, const at::Tensor& chunks
   TORCH_CHECK(grad_dtype >= 0 && grad_dtype <= 2, "stratopt cuda op: grad_dtype must be 0, 1 or 2");
   c10::cuda::CUDAGuard guard(dev);
   TORCH_CHECK(out_type >= 0 && out_type <= 2, "stratopt cuda op: out_type must be 0, 1 or 2");
-  const bool has_m2 = mix_alpha > 0.0;  // the slow momentum exists only then (as in the CPU op)
-  stratopt_cuda::Hyper h{lr, beta1, beta2, eps, weight_decay, beta3, mix_alpha, t_alpha, t_beta3,
-                         has_m2, static_cast<int>(out_type)};
+  stratopt_cuda::Hyper h{{beta2, eps, weight_decay, beta3, mix_alpha, t_alpha, t_beta3}, lr, beta1,
+                         static_cast<int>(out_type)};
   if (lr_tensor.has_value() && lr_tensor->defined()) {
     check_dev(*lr_tensor, "lr_tensor", at::kDouble, dev);
     TORCH_CHECK(lr_tensor->numel() == 1, "stratopt cuda op: lr_tensor must hold one value");
