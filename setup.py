@@ -46,11 +46,12 @@ if os.environ.get("STRATOPT_BUILD_OPS", "0") == "1":
     spec.loader.exec_module(builder)
     ext = [CppExtension("stratopt_ds.ops._stratopt_cpu", [f"csrc/{s}" for s in builder.CPU_SOURCES],
                         include_dirs=["csrc/cpu"], extra_compile_args=builder.CPU_CFLAGS,
+                        depends=[f"csrc/{s}" for s in builder.CPU_DEPENDS],
                         extra_link_args=builder.CPU_LDFLAGS)]
     if torch.version.cuda is not None and (CUDA_HOME is not None or shutil.which("nvcc")):
         ext.append(CUDAExtension(
             "stratopt_ds.ops._stratopt_cuda", [f"csrc/{s}" for s in builder.CUDA_SOURCES],
-            include_dirs=["csrc/cuda"],
+            include_dirs=["csrc/cuda"], depends=[f"csrc/{s}" for s in builder.CUDA_DEPENDS],
             extra_compile_args={"cxx": builder.CUDA_CFLAGS, "nvcc": builder.NVCC_FLAGS}))
     kwargs = dict(ext_modules=ext)
     cmdclass["build_ext"] = BuildExtension

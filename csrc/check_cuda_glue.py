@@ -98,12 +98,11 @@ def check(torch_dir: Path, build_dir: Path) -> Path:
     ldflags = [f"-L{d}" for d in libdirs] + [f"-L{py_libdir}", f"-l{py_lib}", "-Wl,--no-undefined"]
     build_dir.mkdir(parents=True, exist_ok=True)
     name = "stratopt_cuda_glue_check"
+    kwargs = builder.jit_kwargs("cuda")  # the JIT build's sources and flags, plus the checks
+    kwargs["extra_cflags"] = kwargs["extra_cflags"] + ["-Wall"]
     try:
-        cpp_extension.load(
-            name=name, sources=[str(builder.CSRC / s) for s in builder.CUDA_SOURCES],
-            extra_include_paths=[str(builder.CSRC / "cuda")], build_directory=str(build_dir),
-            extra_cflags=builder.CUDA_CFLAGS + ["-Wall"], extra_cuda_cflags=builder.NVCC_FLAGS,
-            extra_ldflags=ldflags, with_cuda=True, verbose=True)
+        cpp_extension.load(name=name, build_directory=str(build_dir), extra_ldflags=ldflags,
+                           verbose=True, **kwargs)
     except ImportError:
         pass  # built and linked; this (CPU) torch cannot load a CUDA op, and need not
     except OSError as exc:  # dlopen of the CUDA op from the CPU torch: likewise expected

@@ -75,6 +75,18 @@ def cuda_toolchain_problem() -> Optional[str]:
     return None
 
 
+def jit_kwargs(kind: str) -> dict:
+    """Sources, include path and flags of the ``cpp_extension.load`` build of ``kind``; also
+    used by csrc/check_cuda_glue.py, so that the link check builds exactly this."""
+    sources = CPU_SOURCES if kind == "cpu" else CUDA_SOURCES
+    kwargs = dict(sources=[str(CSRC / s) for s in sources], extra_include_paths=[str(CSRC / kind)])
+    if kind == "cpu":
+        kwargs.update(extra_cflags=CPU_CFLAGS, extra_ldflags=CPU_LDFLAGS)
+    else:
+        kwargs.update(extra_cflags=CUDA_CFLAGS, extra_cuda_cflags=NVCC_FLAGS, with_cuda=True)
+    return kwargs
+
+
 def _jit(kind: str):
     from torch.utils import cpp_extension
 
@@ -89,14 +101,8 @@ def _jit(kind: str):
     name = f"stratopt_{kind}_{_source_hash(sources + depends, tag)}"
     build_dir = cache_dir() / name
     build_dir.mkdir(parents=True, exist_ok=True)
-    kwargs = dict(name=name, sources=[str(CSRC / s) for s in sources],
-                  extra_include_paths=[str(CSRC / kind)], build_directory=str(build_dir),
-                  verbose=os.environ.get("STRATOPT_OPS_VERBOSE") == "1")
-    if kind == "cpu":
-        kwargs.update(extra_cflags=CPU_CFLAGS, extra_ldflags=CPU_LDFLAGS)
-    else:
-        kwargs.update(extra_cflags=CUDA_CFLAGS, extra_cuda_cflags=NVCC_FLAGS, with_cuda=True)
-    return cpp_extension.load(**kwargs)
+    return cpp_extension.load(name=name, build_directory=str(build_dir),
+                              verbose=os.environ.get("STRATOPT_OPS_VERBOSE") == "1", **jit_kwargs(kind))
 
 
 def _load(kind: str):
