@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from stratopt_ds.study.plan import load_plan
-from stratopt_ds.study.report import write_report
+from stratopt_ds.study.report import power_statement, write_report
+from stratopt_ds.study.stats import Rules
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTOCOL_A = ROOT / "stratopt_ds" / "study" / "plans" / "protocol_a.yaml"
@@ -90,3 +92,11 @@ def test_unfinished_sizes_show_as_pending(report):
     assert data["plots"]["1b"] == {}
     assert set(data["plots"]["134m"]) == {"val_curves", "final_loss", "grad_norm_heatmap", "alpha"}
     assert data["layer_norms"]["134m"]["adamw"]["largest_late"] == "lm_head"
+
+
+def test_power_statement_median_of_an_even_count():
+    """Protocol A has 12 comparisons: the median MDD is the mean of the middle two."""
+    comparisons = [SimpleNamespace(mdd=x) for x in (4.0, 1.0, None, 3.0, 2.0)]
+    p = power_statement(comparisons, Rules())
+    assert (p["mdd_min"], p["mdd_median"], p["mdd_max"]) == (1.0, 2.5, 4.0)
+    assert p["family_size"] == 5

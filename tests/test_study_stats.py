@@ -16,7 +16,7 @@ from statsmodels.stats.power import TTestPower
 from statsmodels.stats.weightstats import ttost_ind, ttost_paired
 
 from stratopt_ds.study.stats import (NO_TEST, PAIRED, WELCH, Rules, compare, compare_all,
-                                     describe, factorial_anova, holm)
+                                     describe, detectable_effect, factorial_anova, holm)
 
 RULES = Rules()
 # Five seeds of a baseline and an arm whose losses move with the seed (pairing correlation ~0.97).
@@ -54,8 +54,7 @@ def test_paired_comparison_equals_scipy_and_statsmodels():
     nc = c.mdd / d.std(ddof=1) * math.sqrt(5)
     assert stats.nct.sf(stats.t.ppf(1 - 0.002 / 2, 4), 4, nc) == pytest.approx(0.8, abs=1e-6)
     # The study anchors' simulated MDD at n=5 and 13 Holm-corrected tests: 5.11 SDs.
-    power = TTestPower().power(5.11, 5, 0.01 / 13 / 2, alternative="larger")
-    assert power == pytest.approx(0.8, abs=0.01)
+    assert detectable_effect(TTestPower(), 0.01 / 13, 0.8, nobs=5) == pytest.approx(5.11, abs=0.02)
 
 
 def test_welch_when_pairing_correlates_weakly():

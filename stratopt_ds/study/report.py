@@ -6,6 +6,7 @@ re-made at any time, also for a study that is still running: missing runs show a
 from __future__ import annotations
 
 import json
+import statistics
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
@@ -93,7 +94,7 @@ def power_statement(comparisons: list[Comparison], rules: Rules) -> dict[str, An
     m = len(comparisons)
     return {"alpha_per_test": rules.alpha / max(1, m), "family_size": m, "power": rules.power,
             "mdd_min": mdds[0] if mdds else None,
-            "mdd_median": mdds[len(mdds) // 2] if mdds else None,
+            "mdd_median": float(statistics.median(mdds)) if mdds else None,
             "mdd_max": mdds[-1] if mdds else None}
 
 
