@@ -220,3 +220,28 @@ def test_epochs_with_the_default_data_source(tmp_path):
     steps = epoch_steps(run, tmp_path / "epoch_steps.json")
     windows = len(data.prepare_corpus("synthetic", "byte", 32, 16, max_docs=400).train)
     assert steps == windows // 8 > 0
+
+
+def test_epoch_lengths_are_counted_once_before_runs_start(tmp_path, monkeypatch):
+    """With --jobs 2 and an epochs plan, the corpus behind the epoch length is built once, in
+    the runner's own thread, before any run starts (worker threads would build it side by side
+    and race on OUT/epoch_steps.json)."""
+    import threading
+
+    from stratopt_ds import data
+    from stratopt_ds.study.runner import StudyRunner
+
+    def edit(raw):
+        del raw["train"]["steps"]
+        raw["train"]["epochs"] = 1
+
+    plan_file = write_plan(tmp_path, edit)
+    builds, real = [], data.prepare_corpus
+    monkeypatch.setattr(data, "prepare_corpus",
+                        lambda *a, **k: builds.append(threading.current_thread()) or real(*a, **k))
+    started = []
+    monkeypatch.setattr(StudyRunner, "execute", lambda self, todo, done: started.append(
+        (len(todo), {run.key for run in todo} <= set(self.specs))))
+    run_study(plan_file, tmp_path / "out", jobs=2, progress=False)
+    assert builds == [threading.main_thread()]
+    assert started[0][0] > 1 and started[0][1]  # several runs, every spec made before they start

@@ -83,11 +83,15 @@ class StudyRunner:
         self.stopping = threading.Event()
         self.active: dict[str, subprocess.Popen] = {}
         self.lock = threading.Lock()
+        self.specs: dict[str, dict[str, Any]] = {}  # run key -> spec, filled by run() up front
 
     # -- planning --------------------------------------------------------------------------------
 
     def run(self) -> dict[str, int]:
         runs = self.plan.runs()
+        # Every spec once, in order, in this thread: an epoch count may build a corpus and
+        # writes OUT/epoch_steps.json, which worker threads must not do side by side.
+        self.specs = {run.key: self.spec(run) for run in runs}
         states = {run.key: self.prepare(run) for run in runs}  # refuses a conflicting study
         shutil.copyfile(self.plan_file, self.out / PLAN_COPY)   # the report reads it from here
         todo = [run for run in runs if states[run.key].status in (PENDING, INTERRUPTED)]
@@ -124,7 +128,7 @@ class StudyRunner:
         saved = read_json(run_dir / SPEC_FILE)
         if saved is None:
             return
-        mine = json.loads(json.dumps(self.spec(run)))
+        mine = json.loads(json.dumps(self.specs[run.key]))
         changed = [k for k in mine if saved.get(k) != mine[k]]
         if changed:
             raise StudyError(f"{run_dir} was run with other settings ({', '.join(changed)}: "
@@ -201,7 +205,7 @@ class StudyRunner:
         run_dir = run.directory(self.out)
         run_dir.mkdir(parents=True, exist_ok=True)
         resume = run_state(run_dir).status == INTERRUPTED
-        spec = self.spec(run)
+        spec = self.specs[run.key]
         (run_dir / SPEC_FILE).write_text(json.dumps(spec, indent=1) + "\n")
         argv = self.command(run, run_dir, spec["steps"], resume)
         started = time.time()
