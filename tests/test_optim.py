@@ -281,3 +281,29 @@ def test_load_state_dict_from_another_optimizer_is_refused():
     opt = stratopt_ds.create_optimizer("stratopt", list(model.parameters()))
     with pytest.raises(ValueError, match="no 'layer_stats'"):
         opt.load_state_dict(torch_opt.state_dict())
+
+
+def test_logged_statistics_match_the_optimizer_state():
+    """metrics.optimizer_stats (one host copy per step) against the optimizer's own tensors,
+    after clipping steps and a skipped (NaN) step."""
+    from stratopt_ds.metrics import optimizer_stats
+
+    model = _model()
+    opt = stratopt_ds.create_optimizer("stratopt", model, lr=1e-2)
+    for step in range(1, 9):
+        compute_grads(model, step, loss_scale(step))
+        if step == 5:
+            next(model.parameters()).grad[0] = float("nan")
+        opt.step()
+        s = optimizer_stats(opt)
+        norms, alpha = opt.last_step.norms.double(), opt.last_step.alpha.double()
+        if step == 5:
+            assert s["grad_norm"] is None and None in s["layer_norms"]
+        else:
+            assert s["grad_norm"] == pytest.approx(float(norms.norm()), rel=1e-12)
+            assert s["layer_norms"] == pytest.approx(norms.tolist(), rel=1e-12)
+        assert (s["alpha_min"], s["alpha_max"]) == (float(alpha.min()), float(alpha.max()))
+        assert s["layer_alpha"] == alpha.tolist()
+        assert s["clip_events"] == sum(opt.layer_clip_counts().values())
+        assert s["skipped_steps"] == opt.skipped_steps == (1 if step >= 5 else 0)
+    assert s["clip_events"] > 0
