@@ -147,6 +147,7 @@ def kernel_rows(shapes, steps, device, peak_gbs=None, measured_gbs=None):
     for layer, size in enumerate(sizes):  # one segment (layer) per tensor of the preset
         frags.append((0, start, size, layer))
         start += size
+    frags = tuple(frags)  # the rows as the optimizer passes them (LayerMap.rows_of): no per-call conversion
     gen = torch.Generator(device="cpu").manual_seed(0)
     flat = lambda: torch.zeros(n, dtype=torch.float32, device=device)  # noqa: E731
     p, m1, v, m2 = flat(), flat(), flat(), flat()
@@ -248,7 +249,7 @@ class _NormPassOnly:
         from stratopt_ds.ops import dispatch
 
         self.grads = [p.grad for group in g for p in group["params"]]
-        frags = [(i, 0, x.numel(), i) for i, x in enumerate(self.grads)]
+        frags = tuple((i, 0, x.numel(), i) for i, x in enumerate(self.grads))  # as rows_of gives them
         self.step = lambda: dispatch.fragment_sumsq(self.grads, frags, len(frags))
 
 

@@ -86,15 +86,19 @@ def native_module(device: torch.device, supported: bool = True):
     return module
 
 
+# Tables keyed by fragment rows (few, stable) and CUDA pointer tables keyed by addresses (new
+# ones whenever a buffer is reallocated): separate, so that a stream of new addresses never
+# evicts the row tables, which are rebuilt in Python.
 _cache: dict[tuple, object] = {}
+_ptr_cache: dict[tuple, object] = {}
 
 
-def _cached(key: tuple, build):
-    value = _cache.get(key)
+def _cached(key: tuple, build, cache: dict = _cache):
+    value = cache.get(key)
     if value is None:
-        if len(_cache) > 512:
-            _cache.clear()
-        value = _cache[key] = build()
+        if len(cache) > 512:
+            cache.clear()
+        value = cache[key] = build()
     return value
 
 
@@ -154,7 +158,7 @@ def _cuda_ptrs(rows: tuple, device: torch.device, tensors: Optional[dict] = None
                                      f"{x.stride()}): the fused update needs contiguous tensors")
         return _to_device(rows, device)
 
-    return _cached(("ptrs", str(device), rows), build)
+    return _cached((str(device), rows), build, _ptr_cache)
 
 
 def fragment_sumsq(grads: Sequence[torch.Tensor], frags: Sequence[Sequence[int]], num_layers: int,

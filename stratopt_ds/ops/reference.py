@@ -30,7 +30,7 @@ FragRows = Sequence[Sequence[int]]  # rows (tensor, start, length, layer)
 def as_rows(frags) -> tuple[tuple[int, int, int, int], ...]:
     """Fragment rows as a tuple of int tuples (hashable: the native ops cache tables by it);
     such a tuple, as :meth:`stratopt_ds.layer_map.LayerMap.rows_of` returns, passes unchanged."""
-    if isinstance(frags, tuple):
+    if isinstance(frags, tuple) and (not frags or isinstance(frags[0], tuple)):
         return frags
     if isinstance(frags, torch.Tensor):
         frags = frags.tolist()
