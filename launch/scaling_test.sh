@@ -18,7 +18,7 @@
 #   RANKS          rank counts on this machine, through launch/single_node.sh (default "1 2 4";
 #                  empty: none)
 #   HOSTFILE, NODES (default "1 2"), GPUS_PER_NODE: also NODES node counts x GPUS_PER_NODE ranks
-#                  through launch/multi_node_hostfile.sh (LAUNCHER etc. as described there)
+#                  through launch/multi_node_hostfile.sh with LAUNCHER=pdsh (the default)
 #   STEPS (default 30), SEQ_LEN (default 64), BATCH: the global batch of every run (default 16;
 #                  it must divide by every rank count x the config's gradient_accumulation_steps)
 #   MASTER_PORT    port of the first run (default 29600); run i uses MASTER_PORT + i
@@ -56,6 +56,10 @@ for r in $RANKS; do
   JOBS+=("single 1 $r")
 done
 if [[ -n ${HOSTFILE:-} ]]; then
+  # Each size takes the first NODES hosts of the file (NUM_NODES); deepspeed's MPI runners
+  # start every slot of the file and cannot do that.
+  [[ ${LAUNCHER:-pdsh} == pdsh ]] || die "a HOSTFILE sweep needs LAUNCHER=pdsh (got '$LAUNCHER'):" \
+    "with MPI launchers run launch/multi_node_hostfile.sh once per host file"
   [[ -n ${GPUS_PER_NODE:-} ]] || die "HOSTFILE needs GPUS_PER_NODE (ranks per node)"
   require_posint GPUS_PER_NODE "$GPUS_PER_NODE"
   HOSTFILE=$(abspath "$HOSTFILE")

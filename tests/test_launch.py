@@ -119,6 +119,8 @@ def test_scripts_are_valid_bash():
      "GPUS_PER_NODE must be a positive integer"),
     ("single_node.sh", {"MASTER_PORT": 80}, "MASTER_PORT must be a TCP port"),
     ("multi_node_hostfile.sh", {}, "name a hostfile"),
+    ("scaling_test.sh", {"HOSTFILE": "hosts", "GPUS_PER_NODE": 2, "LAUNCHER": "openmpi"},
+     "a HOSTFILE sweep needs LAUNCHER=pdsh (got 'openmpi')"),
     ("scaling_test.sh", {"BATCH": 6},
      "BATCH=6 is not divisible by ranks x gradient_accumulation_steps = 2 x 2"),
 ])
