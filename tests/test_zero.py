@@ -19,14 +19,14 @@ WORKER = ROOT / "tests" / "dist" / "zero_worker.py"
 TOL = 1e-5
 
 
-def launch(world: int, suites: list[str], out_dir: Path, timeout: int = 900, ops: str = "native") -> list[dict]:
+def launch(world: int, suites: list[str], out_dir: Path, timeout: int = 900) -> list[dict]:
     """Run ``suites`` in order in one launch on ``world`` ranks; every row names its suite.
-    ``ops`` picks the update backend in every rank: the matrix runs the native CPU kernel (it
-    must build), the entry-path cases the reference."""
+    Every rank steps with the native CPU kernel (it must build), except the entry-path cases
+    ("paths"), which the worker runs with the PyTorch reference."""
     out = out_dir / f"{'-'.join(suites)}-{world}.json"
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(world),
            "--master_port", str(free_port()), str(WORKER), "--suite", *suites, "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "STRATOPT_OPS": ops}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "STRATOPT_OPS": "native"}
     proc = subprocess.run(cmd, cwd=out_dir, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0 or not out.exists():
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
@@ -37,7 +37,7 @@ def launch(world: int, suites: list[str], out_dir: Path, timeout: int = 900, ops
 # One launch per world size runs every suite that needs it. The order matters: a reshard load
 # reads a checkpoint an earlier launch saved (4 ranks -> 2, 2 ranks -> 3).
 LAUNCHES = [(1, ["matrix"]), (4, ["matrix", "reshard_save"]),
-            (2, ["matrix", "no_reduce", "reshard_save", "reshard_load"]),
+            (2, ["matrix", "no_reduce", "reshard_save", "reshard_load", "paths"]),
             (3, ["matrix", "no_reduce", "reshard_load"])]
 
 
@@ -109,8 +109,8 @@ def test_disabling_the_norm_reduction_is_detected(launched):
 
 
 @pytest.fixture(scope="module")
-def paths(tmp_path_factory):
-    rows = launch(2, ["paths"], tmp_path_factory.mktemp("paths"), ops="reference")
+def paths(launched):
+    rows = launched("paths")
     return {(r["case"], r["cfg"]["stage"], r["cfg"].get("offload"), bool(r["cfg"].get("bf16"))): r for r in rows}
 
 

@@ -23,6 +23,7 @@ from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
 import stratopt_ds  # noqa: E402
 import stratopt_ds.deepspeed  # noqa: E402
 from helpers import TinyNet, batch, max_rel_err  # noqa: E402
+from stratopt_ds.ops import use_backend  # noqa: E402
 from stratopt_ds.optim import named_param_groups  # noqa: E402
 
 GLOBAL_BATCH = 24
@@ -367,8 +368,9 @@ SUITES = {"matrix": matrix, "no_reduce": no_reduce}  # configuration lists, comp
 
 
 def run_suite(suite, out_dir):
-    if suite == "paths":
-        return run_paths(out_dir)
+    if suite == "paths":  # the entry paths step with the PyTorch reference (the rest: native)
+        with use_backend("reference"):
+            return run_paths(out_dir)
     if suite.startswith("reshard_"):
         return run_reshard(suite.split("_")[1], out_dir)
     world, rank = dist.get_world_size(), dist.get_rank()
