@@ -23,8 +23,11 @@ $(STAMP): setup.py requirements.txt
 	touch $(STAMP)
 
 # The main job: StratOpt under the deepspeed launcher, ZeRO-2, 2 CPU ranks, offline.
-# On GPUs: deepspeed --num_gpus 8 --module stratopt_ds.train --preset 134m --data fineweb \
-#          --tokenizer gpt2 --deepspeed_config ds_configs/134m_zero2.json --device cuda
+# On GPUs: python -m stratopt_ds.data build fineweb --tokenizer gpt2 --max-tokens 1100000000 \
+#              --out stores/fineweb-gpt2-1.1B
+#          deepspeed --num_gpus 8 --module stratopt_ds.train --preset 134m --device cuda \
+#              --data stores/fineweb-gpt2-1.1B --deepspeed_config ds_configs/134m_zero2.json \
+#              --steps 2000 --batch-size 512
 demo: setup
 	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus 2 --module stratopt_ds.train \
 	  --deepspeed_config ds_configs/tiny_zero2_cpu.json --data synthetic --steps 60 --batch-size 16 \

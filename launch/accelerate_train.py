@@ -40,7 +40,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4, help="sequences per rank and step")
     p.add_argument("--preset", default="tiny", choices=list(models.PRESETS))
     p.add_argument("--seq-len", type=int, default=32)
-    p.add_argument("--max-docs", type=int, default=300)
+    p.add_argument("--data", default="synthetic",
+                   help="a token store, or a local source to build into the store cache first")
+    p.add_argument("--max-docs", type=int, default=None,
+                   help="building from a source: at most N documents (default: 300 of synthetic)")
+    p.add_argument("--data-seed", type=int, default=0, help="order of the training windows")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="directory for summary.json")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # from `deepspeed`
@@ -50,23 +54,34 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
     distributed_state()
-    corpus = data.prepare_corpus("synthetic", "byte", args.seq_len, 16, max_docs=args.max_docs)
-    model = models.build_model(args.preset, corpus.tokenizer.vocab_size, args.seq_len + 1, seed=args.seed)
+    max_docs = args.max_docs or (300 if args.data == "synthetic" else None)
+    request = data.DataRequest(args.data, args.seq_len, max_docs=max_docs, val_windows=16)
+    try:
+        request.check()
+    except (data.DataError, FileNotFoundError) as err:
+        raise SystemExit(f"--data {args.data}: {err}") from None
+    training = request.open()
+    model = models.build_model(args.preset, training.store.vocab_size, args.seq_len + 1, seed=args.seed)
     optimizer = create_optimizer(args.optim, model, lr=args.lr, **parse_opt_args(args.optim_args))
     scheduler = lr_schedule(optimizer, args.warmup_steps, args.steps)
     accelerator = Accelerator(deepspeed_plugin=deepspeed_plugin(args.config, optimizer))
-    torch.manual_seed(args.seed)  # the same shuffling on every rank; prepare() shards it
-    loader = torch.utils.data.DataLoader(corpus.train, batch_size=args.batch_size, shuffle=True, drop_last=True)
+    # Every rank draws the same seeded order from the memory-mapped store; prepare() splits each
+    # batch across the ranks.
+    loader = torch.utils.data.DataLoader(data.WindowDataset(training.train), batch_size=args.batch_size,
+                                         sampler=data.WindowSampler(len(training.train), args.data_seed),
+                                         drop_last=True)
     engine, wrapped_optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     bind_prepared(engine, optimizer)
 
-    losses, batches = [], iter(loader)
+    losses, batches, epoch = [], iter(loader), 0
     for _ in range(args.steps):
         try:
-            ids = next(batches).long()
+            ids = next(batches)["input_ids"]
         except StopIteration:
+            epoch += 1
+            loader.set_epoch(epoch)
             batches = iter(loader)
-            ids = next(batches).long()
+            ids = next(batches)["input_ids"]
         loss = engine(input_ids=ids, labels=ids).loss
         accelerator.backward(loss)  # DeepSpeed steps inside
         wrapped_optimizer.step()

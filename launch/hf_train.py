@@ -5,8 +5,9 @@
     python launch/hf_train.py --optim la-sqrt-b1depth-cliplayer --optim_args clip_tau=3 ...
 
 Every ``TrainingArguments`` option works (``StratTrainingArguments``, see ``stratopt_ds.hf``),
-plus the model and data options below. The data are packed windows of ``--seq_len + 1`` tokens
-(``stratopt_ds.data``); each window is one example, its own labels (the model shifts them).
+plus the model and data options below. ``--data`` is a token store (``python -m stratopt_ds.data
+build``) or a local source built into the store cache first; each window of ``--seq_len + 1``
+tokens is one example, its own labels (the model shifts them), read from the memory-mapped store.
 ``summary.json`` in ``--output_dir`` records the losses and the optimizer DeepSpeed stepped.
 """
 from __future__ import annotations
@@ -31,25 +32,23 @@ from stratopt_ds.hf import StratTrainer, StratTrainingArguments  # noqa: E402
 class ModelDataArguments:
     preset: str = field(default="tiny", metadata={"help": f"model preset: {', '.join(models.PRESETS)}"})
     seq_len: Optional[int] = field(default=None, metadata={"help": "tokens per example (default: the preset's)"})
-    data: str = field(default="synthetic", metadata={"help": "'synthetic' or a .txt/.jsonl/.parquet file"})
-    tokenizer: str = field(default="byte", metadata={"help": "'byte' or 'bpe' (trained on the data)"})
-    bpe_vocab: int = field(default=4096, metadata={"help": "vocabulary of --tokenizer bpe"})
-    max_docs: Optional[int] = field(default=None, metadata={"help": "read at most this many documents"})
-    val_windows: int = field(default=64, metadata={"help": "validation examples (at most 10%% of the data)"})
+    data: str = field(default="synthetic", metadata={
+        "help": "a token store directory, or 'synthetic' or a .txt/.jsonl/.parquet file (or a directory "
+                "or glob of them) to build into the store cache first"})
+    tokenizer: Optional[str] = field(default=None, metadata={
+        "help": "building from a source: 'byte' (default), 'bpe' or a local tokenizer directory; a store "
+                "brings its own"})
+    bpe_vocab: Optional[int] = field(default=None, metadata={"help": "vocabulary of --tokenizer bpe"})
+    max_docs: Optional[int] = field(default=None, metadata={"help": "building from a source: read at most "
+                                                                     "this many documents"})
+    val_windows: int = field(default=64, metadata={"help": "validation examples (the first windows of the "
+                                                           "store's validation part)"})
 
 
-class WindowDataset(torch.utils.data.Dataset):
-    """Packed token windows as causal-LM examples."""
-
-    def __init__(self, windows: torch.Tensor):
-        self.windows = windows
-
-    def __len__(self) -> int:
-        return len(self.windows)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        ids = self.windows[i].long()
-        return {"input_ids": ids, "labels": ids}
+def data_request(margs: ModelDataArguments) -> data.DataRequest:
+    seq_len = margs.seq_len or models.preset(margs.preset)["seq_len"]
+    return data.DataRequest(margs.data, seq_len, tokenizer=margs.tokenizer, bpe_vocab=margs.bpe_vocab,
+                            max_docs=margs.max_docs, val_windows=margs.val_windows)
 
 
 def parse(argv: Optional[list[str]] = None) -> tuple[ModelDataArguments, StratTrainingArguments]:
@@ -57,23 +56,26 @@ def parse(argv: Optional[list[str]] = None) -> tuple[ModelDataArguments, StratTr
     margs, targs = parser.parse_args_into_dataclasses(args=argv)
     try:
         models.preset(margs.preset)
-        data.check_source(margs.data)
-    except (ValueError, FileNotFoundError) as err:
+    except ValueError as err:
         parser.error(str(err))
     if data.resolve_source(margs.data) == "fineweb":  # 'auto' too, where the hub answers
         parser.error(f"--data {margs.data} streams FineWeb from the network; this script reads "
-                     "local data only (give a file or 'synthetic')")
+                     "local data only (give a store, a file or 'synthetic')")
+    try:
+        data_request(margs).check()
+    except (data.DataError, FileNotFoundError) as err:
+        parser.error(f"--data {margs.data}: {err}")
     return margs, targs
 
 
 def build_trainer(argv: Optional[list[str]] = None) -> StratTrainer:
     margs, targs = parse(argv)
-    seq_len = margs.seq_len or models.preset(margs.preset)["seq_len"]
-    corpus = data.prepare_corpus(margs.data, margs.tokenizer, seq_len, margs.val_windows,
-                                 margs.bpe_vocab, max_docs=margs.max_docs)
-    model = models.build_model(margs.preset, corpus.tokenizer.vocab_size, seq_len + 1, seed=targs.seed)
-    return StratTrainer(model=model, args=targs, train_dataset=WindowDataset(corpus.train),
-                        eval_dataset=WindowDataset(corpus.val))
+    request = data_request(margs)
+    training = request.open(progress=not targs.disable_tqdm)
+    model = models.build_model(margs.preset, training.store.vocab_size, request.seq_len + 1,
+                               seed=targs.seed)
+    return StratTrainer(model=model, args=targs, train_dataset=data.WindowDataset(training.train),
+                        eval_dataset=data.WindowDataset(training.val))
 
 
 def summarize(trainer: StratTrainer) -> dict[str, Any]:

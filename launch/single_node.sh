@@ -3,7 +3,7 @@
 #
 # Usage: launch/single_node.sh [NUM_GPUS] [train args...]
 #   launch/single_node.sh 2 --steps 60 --batch-size 16 --out runs/demo          # 2 CPU ranks
-#   launch/single_node.sh 8 --preset 134m --data fineweb --tokenizer gpt2 --device cuda \
+#   launch/single_node.sh 8 --preset 134m --data stores/fineweb-gpt2-1.1B --device cuda \
 #       --deepspeed_config ds_configs/134m_zero2.json --out runs/134m
 #
 # NUM_GPUS (ranks): the first argument when it is a number, else $NUM_GPUS, else every GPU that

@@ -62,6 +62,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.training_args import OptimizerNames
 
 from .accelerate import bind_prepared, distributed_state, refuse_foreign_optimizer_section, section_mismatches
+from .data import WindowDataset, WindowSampler
 from .deepspeed import (keep_client_optimizer_under_offload, load_config, optimizer_clips,
                         prepare_config, resolve_optimizer_name)
 from .optim import LayerwiseAdam, available_optimizers, create_optimizer
@@ -347,6 +348,16 @@ class StratTrainer(Trainer):
             raise ValueError('a scheduler was passed in optimizers=(optimizer, scheduler) and the DeepSpeed '
                              'config has a "scheduler" section (the Trainer would drop the one passed); '
                              'remove one of them')
+
+    def _get_train_sampler(self, train_dataset=None):
+        """Store windows are visited in the data path's seeded epoch order (``data_seed``, else
+        ``seed``) instead of ``RandomSampler``'s ``torch.randperm`` of every window on every
+        rank; accelerate still splits each batch across the ranks."""
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if isinstance(dataset, WindowDataset) and self.args.train_sampling_strategy == "random":
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return WindowSampler(len(dataset), seed)
+        return super()._get_train_sampler(train_dataset)
 
     def create_optimizer(self, model: Optional[nn.Module] = None):
         model = self.model if model is None else model

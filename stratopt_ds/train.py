@@ -3,9 +3,11 @@
     python -m stratopt_ds.train                                   # tiny model, synthetic text
     python -m stratopt_ds.train --optimizer adamw --steps 200 --out runs/adamw
     python -m stratopt_ds.train --data corpus.jsonl --tokenizer bpe --opt-args clip=global
-    python -m stratopt_ds.train --preset 134m --data fineweb --tokenizer gpt2 --device cuda
+    python -m stratopt_ds.train --preset 134m --data stores/fineweb-gpt2 --device cuda
 
-Everything happens in ``main`` from top to bottom: check the options, build the data, the model,
+``--data`` is a token store (``python -m stratopt_ds.data build``) or a source that is built into
+the store cache first; either way the run reads a memory-mapped store (``stratopt_ds.data``).
+Everything happens in ``main`` from top to bottom: check the options, open the data, the model,
 the optimizer and its schedule, train, evaluate, write ``metrics.jsonl`` and ``summary.json``.
 Bad options stop the job before any data is read or any weight is allocated.
 """
@@ -52,21 +54,25 @@ def build_parser() -> argparse.ArgumentParser:
     add("--warmup-steps", type=int, default=None,
         help="linear warm-up steps (default: 10%% of --steps)")
     add("--data", default="auto",
-        help="'fineweb' (HuggingFaceFW/fineweb sample-10BT, streamed), 'synthetic', a "
-             ".txt/.jsonl/.parquet file, or 'auto' (default): fineweb when the hub is reachable, "
-             "else synthetic")
+        help="a token store directory (python -m stratopt_ds.data build), or a source to build "
+             "into the store cache first: 'fineweb' (streamed; by default as many tokens as the "
+             "run trains on), 'synthetic', a .txt/.jsonl/.parquet file, a directory or glob of "
+             "them, or 'auto' (default): fineweb when the hub is reachable, else synthetic")
     add("--max-docs", type=int, default=None,
-        help="read at most this many documents (default: all; 2000 synthetic, 20000 fineweb)")
-    add("--tokenizer", default="byte",
-        help="'byte' (default), 'bpe' (trained on the data), or a hub name")
-    add("--bpe-vocab", type=int, default=4096,
+        help="building from a source: read at most this many documents (default: all; 2000 "
+             "for synthetic)")
+    add("--tokenizer", default=None,
+        help="building from a source: 'byte' (default), 'bpe' (trained on the data), or a hub "
+             "name or local directory. A store brings its own; naming another is an error")
+    add("--bpe-vocab", type=int, default=None,
         help="vocabulary size of --tokenizer bpe (default: 4096)")
-    add("--cache-dir", default=None, help="where trained tokenizers are cached "
-        "(default: $STRATOPT_CACHE or ~/.cache/stratopt_ds)")
+    add("--cache-dir", default=None, help="where stores built from sources and trained "
+        "tokenizers are cached (default: $STRATOPT_CACHE or ~/.cache/stratopt_ds)")
     add("--seed", type=int, default=0, help="model initialisation seed (default: 0)")
     add("--data-seed", type=int, default=0, help="data order seed (default: 0)")
     add("--val-windows", type=int, default=64,
-        help="validation sequences, at most 10%% of the data (default: 64)")
+        help="validation sequences: the first windows of the store's validation part, the same "
+             "for every run (a source is built with exactly these) (default: 64)")
     add("--eval-every", type=int, default=100,
         help="validation every N steps; 0: only at the end (default: 100)")
     add("--eval-batches", type=int, default=4,
@@ -150,12 +156,14 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> arg
     if not (math.isfinite(args.lr) and args.lr > 0):
         parser.error(f"--lr must be a finite number > 0, got {args.lr}")
     args.data = data.resolve_source(args.data)
+    args.data_request = data.DataRequest(
+        args.data, args.seq_len, tokenizer=args.tokenizer, bpe_vocab=args.bpe_vocab,
+        max_docs=args.max_docs, val_windows=args.val_windows, evaluate=args.eval_batches > 0,
+        run_tokens=args.steps * args.batch_size * args.seq_len, cache_dir=args.cache_dir)
     try:
-        data.check_source(args.data)
-    except (FileNotFoundError, ValueError) as e:
-        parser.error(f"--data: {e}")
-    if args.tokenizer == "bpe" and args.bpe_vocab < data.MIN_BPE_VOCAB:
-        parser.error(f"--bpe-vocab must be >= {data.MIN_BPE_VOCAB}, got {args.bpe_vocab}")
+        args.tokenizer = args.data_request.check()
+    except (data.DataError, FileNotFoundError) as e:
+        parser.error(str(e) if str(e).startswith("--") else f"--data {args.data}: {e}")
     try:
         device = torch.device(args.device)
     except RuntimeError as e:
@@ -279,7 +287,7 @@ def lm_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> to
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, windows: torch.Tensor, batch_size: int, max_batches: int,
+def evaluate(model: nn.Module, windows: data.Windows, batch_size: int, max_batches: int,
              device: torch.device, chunk: Optional[int] = None) -> float:
     """Mean loss over the (fixed) validation windows: the first ``batch_size * max_batches``.
 
@@ -289,7 +297,7 @@ def evaluate(model: nn.Module, windows: torch.Tensor, batch_size: int, max_batch
     model.eval()
     chunk = chunk or batch_size
     total, count = 0.0, 0
-    for inputs, targets in data.val_batches(windows, batch_size, max_batches):
+    for inputs, targets in windows.batches(batch_size, max_batches):
         for lo in range(0, len(inputs), chunk):
             x, y = inputs[lo:lo + chunk].to(device), targets[lo:lo + chunk].to(device)
             total += lm_loss(model, x, y).item() * y.numel()
@@ -316,8 +324,9 @@ class SingleProcess:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    def train_step(self, inputs, targets) -> float:
+    def train_step(self, batch: data.Batch) -> float:
         device = self.model.device
+        inputs, targets = batch.rows()
         loss = lm_loss(self.model, inputs.to(device), targets.to(device))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -393,11 +402,12 @@ class DeepSpeedRun:
         self.dist.barrier()
         self.dist.destroy_process_group()
 
-    def train_step(self, inputs, targets) -> float:
+    def train_step(self, batch: data.Batch) -> float:
+        """This rank's micro-batches of the global batch: only their windows are read."""
         losses = []
         for m in range(self.gas):
             lo = (m * self.world + self.rank) * self.micro
-            x, y = inputs[lo:lo + self.micro], targets[lo:lo + self.micro]
+            x, y = batch.rows(lo, lo + self.micro)
             loss = lm_loss(self.model, x.to(self.model.device), y.to(self.model.device))
             self.model.backward(loss)
             self.model.step()
@@ -425,22 +435,25 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
 
-    # Data: documents -> tokens -> windows; the validation windows are fixed by the corpus.
-    corpus = data.prepare_corpus(args.data, args.tokenizer, args.seq_len, args.val_windows,
-                                 args.bpe_vocab, args.cache_dir, args.max_docs)
-    batches = data.BatchIterator(corpus.train, args.batch_size, seed=args.data_seed)
+    # Data: a token store (a source is built into the store cache first, once per node). Each
+    # rank memory-maps it and reads only its own micro-batches' windows.
+    training = args.data_request.open(progress=not args.no_progress)
+    store = training.store
+    batches = data.BatchIterator(training.train, args.batch_size, seed=args.data_seed,
+                                 fingerprint=store.fingerprint)
 
     # Model, optimizer, schedule: on one process, or sharded by DeepSpeed.
-    model = models.build_model(args.preset, corpus.tokenizer.vocab_size, args.seq_len,
+    model = models.build_model(args.preset, store.vocab_size, args.seq_len,
                                seed=args.seed).to(device)
+    store.check_model_vocab(model.config.vocab_size)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     run = DeepSpeedRun(args, model) if args.deepspeed_config else SingleProcess(args, model)
     opt, lead = run.optimizer, run.rank == 0
     if lead:
         print(f"{args.optimizer} {args.hyperparams} | {args.preset}: {n_params:,} params | {run.world} rank(s) | "
-              f"{args.data}: {corpus.num_docs:,} docs, {corpus.num_tokens:,} tokens "
-              f"({corpus.tokenizer.name}), {len(corpus.train)} train / {len(corpus.val)} val windows")
+              f"{store.summary()} | {len(training.train):,} train / {len(training.val):,} val "
+              f"windows of {args.seq_len}")
 
     # Resume: weights, optimizer, schedule, data position, history. Or start afresh.
     history = {"losses": [], "val_losses": [], "tokens": 0, "train_time": 0.0, "eval_time": 0.0,
@@ -475,11 +488,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                file=sys.stderr, dynamic_ncols=True)
     for step in range(start + 1, args.steps + 1):
         t_step = time.perf_counter()
-        inputs, targets = next(batches)
+        batch = next(batches)
         lr = run.lr()
-        losses.append(run.train_step(inputs, targets))
+        losses.append(run.train_step(batch))
         history["train_time"] += time.perf_counter() - t_step
-        history["tokens"] += targets.numel()
+        history["tokens"] += batch.tokens
         stats = optimizer_stats(opt)
         log.write({"step": step, "loss": finite_or_none(losses[-1]), "lr": lr,
                    "tokens": history["tokens"], "elapsed": elapsed0 + time.perf_counter() - t0,
@@ -497,7 +510,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         is_eval_step = (args.eval_every and step % args.eval_every == 0) or step == args.steps
         if args.eval_batches and (is_eval_step or status == "diverged"):
             t_eval = time.perf_counter()
-            val = evaluate(run.model, corpus.val, args.batch_size, args.eval_batches,
+            val = evaluate(run.model, training.val, args.batch_size, args.eval_batches,
                            run.model.device, run.micro)
             history["eval_time"] += time.perf_counter() - t_eval
             val_losses.append((step, val))
@@ -525,7 +538,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     train_time = history["train_time"]
     summary = {
         "status": status, "optimizer": args.optimizer, "preset": args.preset, "params": n_params,
-        "hyperparams": args.hyperparams, "data": args.data, "tokenizer": corpus.tokenizer.name,
+        "hyperparams": args.hyperparams, "data": args.data, "store": str(store.path),
+        "store_fingerprint": store.fingerprint, "tokenizer": store.tokenizer_name,
         "steps": args.steps, "steps_done": steps_done, "batch_size": args.batch_size,
         "seq_len": args.seq_len, "ranks": run.world, "seed": args.seed,
         "data_seed": args.data_seed, "tokens": history["tokens"],
@@ -540,7 +554,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "norm_allreduce_share": history["norm_allreduce_time"] / max(train_time, 1e-9),
         "wall_time": time.perf_counter() - t_start, "resumed_from": start or None,
         "skipped_steps": opt.skipped_steps, "clip_counts": opt.layer_clip_counts(),
-        "data_state": batches.state_dict(), "layers": layer_names, "out": args.out,
+        "data_state": batches.state_dict(), "epochs": batches.epoch(), "layers": layer_names,
+        "out": args.out,
     }
     if lead:
         if args.out is not None:

@@ -1,7 +1,15 @@
-"""Tests never touch the network: '--data auto' resolves to the synthetic corpus."""
+"""Tests never touch the network: '--data auto' resolves to the synthetic corpus. Stores built
+from sources and trained tokenizers go to a cache of the session's own (subprocesses inherit
+it), never to the user's ~/.cache."""
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+_CACHE = tempfile.mkdtemp(prefix="stratopt-test-cache-")
+os.environ["STRATOPT_CACHE"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, True)
 
 from pathlib import Path  # noqa: E402
 

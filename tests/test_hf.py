@@ -319,10 +319,10 @@ def test_hf_script_refuses_network_data(source, hub, monkeypatch, capsys):
     script = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "hf_train", script)  # its dataclasses look themselves up there
     spec.loader.exec_module(script)
-    monkeypatch.setattr(data, "hub_reachable", lambda timeout=3.0: hub)
+    monkeypatch.setattr(data.sources, "hub_reachable", lambda timeout=3.0: hub)
     with pytest.raises(SystemExit) as exc:
         script.parse(["--data", source, "--output_dir", "unused"])
     assert exc.value.code == 2 and f"--data {source} streams FineWeb" in capsys.readouterr().err
-    monkeypatch.setattr(data, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(data.sources, "hub_reachable", lambda timeout=3.0: False)
     margs, _ = script.parse(["--data", "auto", "--output_dir", "unused"])  # offline: synthetic, accepted
     assert margs.data == "auto"

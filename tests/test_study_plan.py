@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -23,8 +24,78 @@ def repo_root(monkeypatch):
     monkeypatch.chdir(ROOT)  # plans name ds_configs/... relative to the repository
 
 
+def fake_store(path: Path, train_tokens: int, val_tokens: int, tokenizer: str = "gpt2",
+               vocab: int = 50257) -> Path:
+    """A store at FineWeb scale without its data: the manifest, and sparse shards of the sizes
+    it lists (no disk used). Enough for everything `study check` reads."""
+    from stratopt_ds.data import store
+
+    shard = store.DEFAULT_SHARD_TOKENS
+    path.mkdir(parents=True)
+    parts = {}
+    for part, total in (("val", val_tokens), ("train", train_tokens)):
+        parts[part] = []
+        for i, lo in enumerate(range(0, total, shard)):
+            name, n = f"{part}-{i:05d}.bin", min(shard, total - lo)
+            with open(path / name, "wb") as f:
+                f.truncate(2 * n)
+            parts[part].append({"file": name, "tokens": n, "sha256": "0" * 64})
+    manifest = {"format": store.FORMAT, "version": store.VERSION, "key": "fake", "dtype": "uint16",
+                "shard_tokens": shard, "parts": parts, "fingerprint": "fake", "max_token_id": vocab - 1,
+                "tokenizer": {"kind": "hf", "name": tokenizer, "vocab_size": vocab,
+                              "eos_id": vocab - 1, "files": {}},
+                "source": {"spec": "fineweb"}, "documents": {"val": 1, "train": 1, "read": 2},
+                "tokens": {"val": val_tokens, "train": train_tokens}}
+    (path / store.MANIFEST).write_text(json.dumps(manifest))
+    return path
+
+
+PROTOCOL_A_STORE = "fineweb10BT-gpt2-5.3B"
+RUN_TOKENS = 10_000 * 512 * 1024  # 5.24B: one run of protocol A, at every size
+
+
+@pytest.fixture
+def stores(tmp_path, monkeypatch):
+    monkeypatch.setenv("STRATOPT_STORES", str(tmp_path))
+    return tmp_path
+
+
+def test_protocol_a_checks_its_store_against_the_plan(stores):
+    with pytest.raises(PlanError, match=rf"train.data '{stores}/{PROTOCOL_A_STORE}': no such data "
+                                        rf"file, directory or token store: .*data build.*STRATOPT_STORES"):
+        load_plan(PLANS / "protocol_a.yaml")
+    fake_store(stores / PROTOCOL_A_STORE, 5_300_000_000, 10_485_761)
+    assert len(load_plan(PLANS / "protocol_a.yaml").runs()) == 195
+
+
+@pytest.mark.parametrize("train, val, tokenizer, words", [
+    (RUN_TOKENS, 10_485_761, "gpt2", "holds 5,119,999 training windows: the run would see data twice"),
+    (5_300_000_000, 10_485_761, "byte", "--tokenizer gpt2 conflicts with the tokenizer of the store"),
+    (5_300_000_000, 1_000_000, "gpt2", "--val-windows 10240 of --seq-len 1024 needs 10,485,761 "
+                                       "validation tokens"),
+])
+def test_protocol_a_refuses_a_store_that_does_not_fit(stores, train, val, tokenizer, words):
+    fake_store(stores / PROTOCOL_A_STORE, train, val, tokenizer)
+    with pytest.raises(PlanError, match=re.escape(words)):
+        load_plan(PLANS / "protocol_a.yaml")
+
+
+def test_protocol_b_counts_its_epoch_from_the_store(stores):
+    from stratopt_ds.study.runner import epoch_steps
+
+    fake_store(stores / "fineweb10BT-gpt2-4Mdocs", 2_700_000_000, 10_485_761)
+    plan = load_plan(PLANS / "protocol_b.yaml")
+    assert epoch_steps(plan.runs()[0]) == (2_700_000_000 - 1) // 1024 // 512 == 5149
+
+
+def test_protocol_b_refuses_a_store_smaller_than_one_step(stores):
+    fake_store(stores / "fineweb10BT-gpt2-4Mdocs", 500 * 1024, 10_485_761)
+    with pytest.raises(PlanError, match="1 epoch.* of the 499 training windows .* less than one step"):
+        load_plan(PLANS / "protocol_b.yaml")
+
+
 def test_protocol_a_expands_to_195_runs_of_paired_seeds():
-    plan = load_plan(PLANS / "protocol_a.yaml")
+    plan = load_plan(PLANS / "protocol_a.yaml", check_files=False)
     runs = plan.runs()
     assert len(LA_VARIANTS) == 12
     assert sorted(a.optimizer for a in plan.arms) == sorted(["adamw", *LA_VARIANTS])
@@ -44,7 +115,7 @@ def test_protocol_a_expands_to_195_runs_of_paired_seeds():
 def test_protocol_a_deepspeed_command_drops_the_config_optimizer(tmp_path):
     """The runner launches deepspeed with a copy of the shipped config minus "optimizer", so the
     arm's optimizer and lr apply (train.py refuses --optimizer against the config's)."""
-    plan = load_plan(PLANS / "protocol_a.yaml")
+    plan = load_plan(PLANS / "protocol_a.yaml", check_files=False)
     run = next(r for r in plan.runs() if r.size == "134m" and r.arm == "adamw")
     runner = StudyRunner(plan, PLANS / "protocol_a.yaml", tmp_path, 1, False, False)
     argv = runner.command(run, tmp_path, 10000, resume=True)
@@ -58,13 +129,14 @@ def test_protocol_a_deepspeed_command_drops_the_config_optimizer(tmp_path):
     assert opt_args == {"clip": "global", "clip_threshold": 1.0}
 
 
-def test_protocol_a_refuses_parallel_jobs(tmp_path):
+def test_protocol_a_refuses_parallel_jobs(tmp_path, stores):
+    fake_store(stores / PROTOCOL_A_STORE, 5_300_000_000, 10_485_761)
     with pytest.raises(StudyError, match="--jobs 2: this plan launches deepspeed"):
         run_study(PLANS / "protocol_a.yaml", tmp_path, jobs=2)
 
 
 def test_protocol_b_has_the_three_ablations_and_one_epoch():
-    plan = load_plan(PLANS / "protocol_b.yaml")
+    plan = load_plan(PLANS / "protocol_b.yaml", check_files=False)
     assert [a.optimizer for a in plan.arms] == ["adamw", "ademamix", "stratopt", "stratopt-noscale",
                                                 "stratopt-nomix", "stratopt-noclip"]
     assert len(plan.runs()) == 30
@@ -80,7 +152,7 @@ def test_cpu_small_reads_shared_data_from_the_environment(tmp_path, monkeypatch)
     assert len(plan.runs()) == 25 and len(plan.arms) == 5
     assert {r.train["data"] for r in plan.runs()} == {str(corpus)}
     monkeypatch.setenv("STRATOPT_SHARED", str(tmp_path / "elsewhere"))
-    with pytest.raises(PlanError, match="train.data file not found: .*elsewhere.*STRATOPT_SHARED"):
+    with pytest.raises(PlanError, match="train.data .*data file not found: .*elsewhere.*STRATOPT_SHARED"):
         load_plan(PLANS / "cpu_small.yaml")
 
 
@@ -110,7 +182,7 @@ def test_bad_plans_are_refused_with_a_clear_message():
     msg = broken(lambda p: p["arms"].append({"name": "hot", "optimizer": "adamw", "lr": -1}))
     assert "arms[2].lr: expected a finite number > 0, got -1" in msg
     msg = broken(lambda p: p["train"].update(data="/no/such/corpus.txt"))
-    assert "train.data file not found: /no/such/corpus.txt" in msg
+    assert "train.data '/no/such/corpus.txt': data file not found: /no/such/corpus.txt" in msg
     msg = broken(lambda p: p["train"].update(epochs=1))
     assert "give exactly one of train.steps and train.epochs (got both)" in msg
     msg = broken(lambda p: p.update(baseline="sgd"))

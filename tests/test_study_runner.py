@@ -217,15 +217,16 @@ def test_epochs_with_the_default_data_source(tmp_path):
     plan = load_plan(write_plan(tmp_path, edit))
     run = plan.runs()[0]
     assert "data" not in run.train
-    steps = epoch_steps(run, tmp_path / "epoch_steps.json")
-    windows = len(data.prepare_corpus("synthetic", "byte", 32, 16, max_docs=400).train)
+    steps = epoch_steps(run)
+    # the store stratopt_ds.train itself will open for these options (built once, cached)
+    windows = len(data.DataRequest("synthetic", 32, max_docs=400, val_windows=16).open().train)
     assert steps == windows // 8 > 0
 
 
 def test_epoch_lengths_are_counted_once_before_runs_start(tmp_path, monkeypatch):
-    """With --jobs 2 and an epochs plan, the corpus behind the epoch length is built once, in
-    the runner's own thread, before any run starts (worker threads would build it side by side
-    and race on OUT/epoch_steps.json)."""
+    """With --jobs 2 and an epochs plan, the store behind the epoch length is opened (built if
+    need be) in the runner's own thread, once per run spec, before any run starts (worker
+    threads would start the same build side by side)."""
     import threading
 
     from stratopt_ds import data
@@ -236,12 +237,14 @@ def test_epoch_lengths_are_counted_once_before_runs_start(tmp_path, monkeypatch)
         raw["train"]["epochs"] = 1
 
     plan_file = write_plan(tmp_path, edit)
-    builds, real = [], data.prepare_corpus
-    monkeypatch.setattr(data, "prepare_corpus",
+    builds, real = [], data.DataRequest.open
+    monkeypatch.setattr(data.DataRequest, "open",
                         lambda *a, **k: builds.append(threading.current_thread()) or real(*a, **k))
     started = []
     monkeypatch.setattr(StudyRunner, "execute", lambda self, todo, done: started.append(
         (len(todo), {run.key for run in todo} <= set(self.specs))))
     run_study(plan_file, tmp_path / "out", jobs=2, progress=False)
-    assert builds == [threading.main_thread()]
+    from stratopt_ds.study.plan import load_plan
+    assert set(builds) == {threading.main_thread()}
+    assert len(builds) == len(load_plan(plan_file).runs())  # one open per run's spec, none later
     assert started[0][0] > 1 and started[0][1]  # several runs, every spec made before they start

@@ -1,6 +1,7 @@
 """The main job (stratopt_ds.train) with its data and model presets. Offline, CPU, < 1 minute."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -85,47 +86,33 @@ def test_other_optimizer_with_opt_args(tmp_path):
 def test_txt_file_as_data(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text("\n\n".join(write_paragraphs(40)), encoding="utf-8")
-    assert len(data.read_txt(path)) == 40
     s = run(tmp_path, "--data", str(path), "--steps", "3", "--seq-len", "32", "--batch-size", "4")
     assert s["data"] == str(path) and len(s["losses"]) == 3 and s["val_loss"] is not None
+    # built once into the store cache, with exactly the 64 validation windows asked for
+    store = data.open_store(s["store"])
+    assert store.manifest["source"]["files"][0][0] == str(path.resolve())
+    assert (len(store.part("val")) - 1) // 32 >= 64 and store.manifest["documents"]["read"] == 40
 
 
 def test_jsonl_file_as_data(tmp_path):
     path = tmp_path / "corpus.jsonl"
     path.write_text("".join(json.dumps({"text": p, "id": i}) + "\n"
                             for i, p in enumerate(write_paragraphs(40))))
-    assert data.read_jsonl(path)[0].startswith("Paragraph 0")
     s = run(tmp_path, "--data", str(path), "--steps", "3", "--seq-len", "32", "--batch-size", "4")
     assert len(read_metrics(tmp_path)) == 3 + 1  # 3 steps + the final validation
 
 
-def test_parquet_file_and_bad_jsonl(tmp_path):
-    pa = pytest.importorskip("pyarrow")
-    pq = pytest.importorskip("pyarrow.parquet")
-    path = tmp_path / "corpus.parquet"
-    pq.write_table(pa.table({"text": write_paragraphs(5)}), path)
-    assert data.load_documents(str(path)) == write_paragraphs(5)
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "ok"}\n{"body": "no text field"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: .*'text'"):
-        data.load_documents(str(bad))
-
-
-def test_bpe_trains_once_and_is_cached(tmp_path):
-    docs = data.synthetic_corpus(200)
-    first = data.train_bpe(docs, 300, cache_dir=tmp_path)
-    assert not first.from_cache and first.path.is_file() and first.path.parent == tmp_path
-    assert first.vocab_size == 300 and first.eos_id is not None
-    mtime = first.path.stat().st_mtime_ns
-    second = data.get_tokenizer("bpe", docs, 300, cache_dir=tmp_path)
-    assert second.from_cache and second.path == first.path
-    assert first.path.stat().st_mtime_ns == mtime
-    text = docs[0]
-    assert second.encode(text) == first.encode(text) and second.decode(second.encode(text)) == text
-    assert len(first.encode(text)) < len(text.encode())  # merges actually compress
-    # Another vocabulary size or other text is another cache entry.
-    assert data.bpe_cache_path(docs, 301, tmp_path) != first.path
-    assert data.bpe_cache_path(docs[1:], 300, tmp_path) != first.path
+def test_a_store_directory_as_data(tmp_path):
+    store = data.build_store("synthetic", tmp_path / "store",
+                             data.BuildSettings(max_docs=300, val_tokens=2000), progress=False)
+    s = run(tmp_path, "--data", str(store.path), "--steps", "3", "--seq-len", "32",
+            "--val-windows", "16")
+    assert s["store"] == str(store.path) and s["store_fingerprint"] == store.fingerprint
+    assert s["tokenizer"] == "byte" and s["data_state"]["store"] == store.fingerprint
+    first = s["losses"]
+    again = run(tmp_path, "--data", str(store.path), "--steps", "3", "--seq-len", "32",
+                "--val-windows", "16")
+    assert again["losses"] == first
 
 
 def test_train_with_bpe_tokenizer(tmp_path):
@@ -136,31 +123,6 @@ def test_train_with_bpe_tokenizer(tmp_path):
 
 # ------------------------------------------------------------------------------------------------
 # Packing, validation split and the resumable batch order
-
-
-def test_pack_split_and_resumable_batches():
-    windows = data.pack([[1, 2, 3], [4, 5]], eos_id=0, seq_len=2)
-    assert windows.tolist() == [[1, 2, 3], [0, 4, 5]]  # [1 2 3 EOS 4 5 EOS] minus the tail
-
-    windows = torch.arange(100 * 5, dtype=torch.int32).reshape(100, 5)
-    train_w, val_w = data.split_windows(windows, val_windows=64)
-    assert len(val_w) == 10 and torch.equal(val_w, windows[-10:])  # at most 10%, the last ones
-
-    full = data.BatchIterator(train_w, batch_size=7, seed=3)
-    expected = [next(full)[0] for _ in range(30)]  # 30 * 7 > 90: crosses epoch boundaries
-    first_epoch = torch.cat([full.indices(k) for k in range(90 // 7)])
-    assert len(set(first_epoch.tolist())) == len(first_epoch)  # no window twice in an epoch
-    resumed = data.BatchIterator(train_w, batch_size=7, seed=3)
-    for _ in range(12):
-        next(resumed)
-    state = resumed.state_dict()
-    again = data.BatchIterator(train_w, batch_size=7, seed=3)
-    again.load_state_dict(state)
-    assert all(torch.equal(next(again)[0], expected[k]) for k in range(12, 30))
-    other = data.BatchIterator(train_w, batch_size=7, seed=4)
-    assert not torch.equal(next(other)[0], expected[0])
-    with pytest.raises(ValueError, match="seed"):
-        other.load_state_dict(state)
 
 
 def test_lr_schedule_warmup_then_cosine_to_ten_percent():
@@ -191,7 +153,8 @@ def assert_refused_before_any_work(argv, words, capsys, monkeypatch):
     def no_work(*args, **kwargs):
         raise AssertionError("work started before the options were checked")
 
-    monkeypatch.setattr(data, "prepare_corpus", no_work)
+    monkeypatch.setattr(data.DataRequest, "open", no_work)
+    monkeypatch.setattr(data.request, "build_store", no_work)
     monkeypatch.setattr(models, "build_model", no_work)
     assert_usage_error(train.main, argv, words, capsys)
 
@@ -206,9 +169,31 @@ def assert_refused_before_any_work(argv, words, capsys, monkeypatch):
     (["--opt-args", "beta3=2"], ["--opt-args", "beta3"]),
     (["--opt-args", "nonsense=1"], ["--opt-args", "nonsense"]),
     (["--opt-args", "lr=0.1"], ["--opt-args", "--lr"]),
+    (["--data", __file__], [f"--data {__file__}", "unsupported file", ".jsonl"]),
 ])
 def test_bad_options_exit_with_a_clear_message(argv, words, capsys, monkeypatch):
     assert_refused_before_any_work(argv, words, capsys, monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory):
+    return data.build_store("synthetic", tmp_path_factory.mktemp("d") / "store",
+                            data.BuildSettings(max_docs=300, val_tokens=1000), progress=False)
+
+
+def test_bad_store_requests_exit_before_any_work(tiny_store, tmp_path, capsys, monkeypatch):
+    store = str(tiny_store.path)
+    for argv, words in [
+            (["--data", store, "--tokenizer", "bpe"],
+             ["--tokenizer bpe conflicts with the tokenizer of the store", "byte", "leave --tokenizer out"]),
+            (["--data", store, "--max-docs", "5"], ["--max-docs applies when --data is a source"]),
+            (["--data", store, "--seq-len", "2000"], ["--seq-len 2000 is longer than the validation part"]),
+            (["--data", store, "--seq-len", "64"], ["--val-windows 64 of --seq-len 64 needs 4,097"])]:
+        assert_refused_before_any_work(argv, words, capsys, monkeypatch)
+    half = tmp_path / "half"
+    (half / ".build").mkdir(parents=True)
+    assert_refused_before_any_work(["--data", str(half)], [f"--data {half}", "incomplete token store"],
+                                   capsys, monkeypatch)
 
 
 def write_ds_config(tmp_path, **overrides) -> str:
@@ -284,15 +269,18 @@ def test_unknown_preset_names_the_allowed_ones():
 # Checkpoints, --resume after a kill, divergence
 
 
-def train_cmd(out, *extra: str) -> list[str]:
+def store_train_cmd(out, *extra: str, store) -> list[str]:
     return [sys.executable, "-m", "stratopt_ds.train", "--out", str(out), "--steps", "40",
             "--save-every", "5", "--eval-every", "10", "--no-progress", "--eval-batches", "2",
-            "--no-tensorboard", *extra]
+            "--no-tensorboard", "--data", str(store), *extra]
 
 
 def test_resume_after_kill_continues_the_same_run(tmp_path):
     """Kill -9 a run mid-way; --resume gives the same steps, data position and loss curve."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    store = data.build_store("synthetic", tmp_path / "store", data.BuildSettings(val_tokens=10_000),
+                             progress=False)
+    train_cmd = functools.partial(store_train_cmd, store=store.path)
     reference = subprocess.run(train_cmd(tmp_path / "ref"), capture_output=True, text=True,
                                timeout=300, env=env)
     assert reference.returncode == 0, reference.stderr[-2000:]
@@ -322,6 +310,7 @@ def test_resume_after_kill_continues_the_same_run(tmp_path):
     assert b["losses"] == a["losses"]  # bit-identical loss curve
     assert b["val_losses"] == a["val_losses"]
     assert b["data_state"] == a["data_state"] and b["tokens"] == a["tokens"]
+    assert b["data_state"]["store"] == store.fingerprint
     steps = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
              if "loss" in r]
     assert steps == list(range(1, 41))  # the killed run's extra records were dropped
@@ -381,17 +370,17 @@ def test_data_auto_is_fineweb_only_when_the_hub_answers(monkeypatch):
     def unreachable(addr, timeout):
         raise OSError("no route")
 
-    monkeypatch.setattr(data.socket, "create_connection", reachable)
+    monkeypatch.setattr(data.sources.socket, "create_connection", reachable)
     assert data.resolve_source("auto") == "fineweb" and calls == [("huggingface.co", 443)]
-    monkeypatch.setattr(data.socket, "create_connection", unreachable)
+    monkeypatch.setattr(data.sources.socket, "create_connection", unreachable)
     assert data.resolve_source("auto") == "synthetic"
     assert data.resolve_source("some.txt") == "some.txt"
 
 
-def test_evaluation_in_chunks_equals_one_pass():
+def test_evaluation_in_chunks_equals_one_pass(tiny_store):
     torch.manual_seed(0)
     model = models.build_model("tiny", 257, 16, seed=0)
-    windows = torch.randint(0, 257, (12, 17))
+    windows = data.Windows(tiny_store.part("val"), 16, limit=12)
     whole = train.evaluate(model, windows, 6, 2, torch.device("cpu"))
     chunked = train.evaluate(model, windows, 6, 2, torch.device("cpu"), chunk=4)
     assert chunked == pytest.approx(whole, rel=1e-6)

@@ -1,7 +1,8 @@
 """The main job under the real `deepspeed` launcher: 2 CPU ranks, ZeRO-2, StratOpt from the JSON.
 
-One launch trains 20 steps with checkpoints; a second resumes a copy of it from step 10 and must
-repeat steps 11-20 exactly (same data position, same optimizer state, same loss curve).
+One launch trains 20 steps with checkpoints from a token store; a second resumes a copy of it from
+step 10 and must repeat steps 11-20 exactly (same data position, same optimizer state, same loss
+curve).
 """
 from __future__ import annotations
 
@@ -14,15 +15,17 @@ from pathlib import Path
 
 from helpers import free_port
 
+from stratopt_ds import data
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def launch(out: Path, *extra: str) -> subprocess.CompletedProcess:
+def launch(out: Path, store: Path, *extra: str) -> subprocess.CompletedProcess:
     port = free_port()
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
            "--module", "stratopt_ds.train", "--deepspeed_config", str(ROOT / "ds_configs" / "tiny_zero2_cpu.json"),
            "--steps", "20", "--batch-size", "16", "--out", str(out), "--no-progress", "--eval-batches", "2",
-           "--save-every", "10", *extra]
+           "--save-every", "10", "--data", str(store), *extra]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -32,8 +35,10 @@ def launch(out: Path, *extra: str) -> subprocess.CompletedProcess:
 
 
 def test_deepspeed_launcher_trains_stratopt_from_the_config_and_resumes(tmp_path):
+    store = data.build_store("synthetic", tmp_path / "store", data.BuildSettings(val_tokens=10_000),
+                             progress=False)
     out = tmp_path / "run"
-    launch(out)
+    launch(out, store.path)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ranks"] == 2 and summary["optimizer"] == "stratopt" and summary["status"] == "ok"
     losses = summary["losses"]
@@ -44,13 +49,14 @@ def test_deepspeed_launcher_trains_stratopt_from_the_config_and_resumes(tmp_path
     assert len(steps[0]["layer_norms"]) == len(summary["layers"])
     assert 0 < summary["norm_allreduce_share"] < 1 and summary["norm_allreduce_time"] > 0
     assert (out / "tensorboard").is_dir()
+    assert summary["store"] == str(store.path) and summary["data_state"]["store"] == store.fingerprint
 
     # resume a copy from its step-10 checkpoint, as if killed between step 10 and step 20
     resumed = tmp_path / "resumed"
     shutil.copytree(out, resumed)
     (resumed / "summary.json").unlink()
     (resumed / "checkpoints" / "latest").write_text("step_10\n")
-    proc = launch(resumed, "--resume")
+    proc = launch(resumed, store.path, "--resume")
     assert "at step 10" in proc.stdout
     again = json.loads((resumed / "summary.json").read_text())
     assert again["resumed_from"] == 10

@@ -29,7 +29,8 @@ from torch import nn
 
 from .. import models
 from ..deepspeed import optimizer_clips
-from ..data import MIN_BPE_VOCAB, NAMED_SOURCES, READERS
+from .. import data
+from ..data import MIN_BPE_VOCAB, NAMED_SOURCES
 from ..optim import available_optimizers, create_optimizer, preset_defaults
 
 
@@ -125,6 +126,26 @@ class Run:
         if self.opt_args:
             args += ["--opt-args", json.dumps(self.opt_args, sort_keys=True)]
         return args
+
+
+def train_defaults() -> dict[str, Any]:
+    """``stratopt_ds.train``'s option defaults (what a run gets for an option the plan omits)."""
+    from ..train import build_parser
+
+    return vars(build_parser().parse_args([]))
+
+
+def data_request(run: Run, steps: Optional[int] = None) -> data.DataRequest:
+    """The data a run asks for, exactly as ``stratopt_ds.train`` will ask for it."""
+    defaults, preset = train_defaults(), models.preset(run.preset)
+    opts = {**{k: defaults[k] for k in ("data", "tokenizer", "bpe_vocab", "max_docs",
+                                        "val_windows", "eval_batches")},
+            "seq_len": preset["seq_len"], "batch_size": preset["batch_size"], **run.train}
+    run_tokens = steps * opts["batch_size"] * opts["seq_len"] if steps is not None else None
+    return data.DataRequest(data.resolve_source(opts["data"]), opts["seq_len"],
+                            tokenizer=opts["tokenizer"], bpe_vocab=opts["bpe_vocab"],
+                            max_docs=opts["max_docs"], val_windows=opts["val_windows"],
+                            evaluate=opts["eval_batches"] > 0, run_tokens=run_tokens)
 
 
 def make_run(size: Size, arm: Arm, seed: int, data_seed: int) -> Run:
@@ -339,7 +360,7 @@ def _check_run(run: Run, check_files: bool) -> None:
         raise PlanError(f"{where}: give exactly one of train.steps and train.epochs "
                         f"(got {'both' if 'steps' in opts else 'neither'})")
     if check_files:
-        _check_data(opts.get("data", "auto"), where)  # 'auto': stratopt_ds.train's default
+        _check_data(run, where)
     try:  # the optimizer's own checks (ranges, enum values), on a throw-away module
         probe = create_optimizer(run.optimizer, nn.Linear(1, 1), **run.opt_args,
                                  lr=opts.get("lr", 1e-3))
@@ -349,17 +370,31 @@ def _check_run(run: Run, check_files: bool) -> None:
         _check_deepspeed_batch(run, where, optimizer_clips(probe)[0])
 
 
-def _check_data(source: str, where: str) -> None:
-    if source in NAMED_SOURCES:
+def _check_data(run: Run, where: str) -> None:
+    """The source can be read, or the store exists and fits the run: its tokenizer, its
+    validation part, and enough training windows that the planned steps see no window twice."""
+    steps = run.train.get("steps")
+    request = data_request(run, steps)
+    source = run.train.get("data", "auto")
+    try:
+        request.check()
+    except (data.DataError, FileNotFoundError) as e:
+        hint = (f" (relative paths are read from the current directory {Path.cwd()}; where "
+                f"the plan writes ${{NAME:-default}}, set NAME, e.g. STRATOPT_SHARED or "
+                f"STRATOPT_STORES)" if isinstance(e, FileNotFoundError) else "")
+        raise PlanError(f"{where}: train.data {source!r}: {e}{hint}") from None
+    if not request.from_store:
         return
-    path = Path(source)
-    if not path.is_file():
-        raise PlanError(f"{where}: train.data file not found: {path.resolve()} (relative paths "
-                        f"are read from the current directory {Path.cwd()}; set STRATOPT_SHARED "
-                        f"if the plan uses ${{STRATOPT_SHARED:-...}})")
-    if path.suffix not in READERS:
-        raise PlanError(f"{where}: train.data {source!r}: expected 'synthetic', 'fineweb', 'auto' or a "
-                        f"{'/'.join(READERS)} file")
+    windows = len(data.Windows(data.open_store(request.data).part("train"), request.seq_len))
+    batch = run.train.get("batch_size", models.preset(run.preset)["batch_size"])
+    if steps is None and int(run.train["epochs"] * windows // batch) < 1:
+        raise PlanError(f"{where}: {run.train['epochs']} epoch(s) of the {windows:,} training "
+                        f"windows of {request.data} at batch_size {batch} is less than one step")
+    if steps is not None and steps * batch > windows:
+        raise PlanError(f"{where}: {steps:,} steps x batch_size {batch} = {steps * batch:,} "
+                        f"windows of {request.seq_len} tokens, but the store {request.data} holds "
+                        f"{windows:,} training windows: the run would see data twice; build a "
+                        f"larger store (--max-tokens) or give train.epochs")
 
 
 def _check_deepspeed_batch(run: Run, where: str, clips: bool) -> None:

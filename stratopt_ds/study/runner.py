@@ -31,7 +31,8 @@ from typing import Any, Optional
 
 from tqdm import tqdm
 
-from .plan import Plan, PlanError, Run, load_plan
+from .. import models
+from .plan import Plan, PlanError, Run, data_request, load_plan
 from .results import (DIVERGED, EVENTS_FILE, FAILED, FAILURES, INTERRUPTED, LOG_FILE, OK, PENDING,
                       PID_FILE, PLAN_COPY, SPEC_FILE, STATUS_FILE, STUDY_FILE, RunState, read_json,
                       run_state)
@@ -89,8 +90,8 @@ class StudyRunner:
 
     def run(self) -> dict[str, int]:
         runs = self.plan.runs()
-        # Every spec once, in order, in this thread: an epoch count may build a corpus and
-        # writes OUT/epoch_steps.json, which worker threads must not do side by side.
+        # Every spec once, in order, in this thread: an epoch count may build a source's store,
+        # which the runs then read (worker threads would start the same build side by side).
         self.specs = {run.key: self.spec(run) for run in runs}
         states = {run.key: self.prepare(run) for run in runs}  # refuses a conflicting study
         shutil.copyfile(self.plan_file, self.out / PLAN_COPY)   # the report reads it from here
@@ -279,10 +280,10 @@ class StudyRunner:
         return env
 
     def steps(self, run: Run) -> int:
-        """The plan's steps, or its epochs turned into steps (counted once, cached in OUT)."""
+        """The plan's steps, or its epochs turned into steps (from the store's manifest)."""
         if "steps" in run.train:
             return int(run.train["steps"])
-        return epoch_steps(run, self.out / "epoch_steps.json")
+        return epoch_steps(run)
 
     def record_session(self, session: dict) -> None:
         path = self.out / STUDY_FILE
@@ -305,30 +306,15 @@ def write_deepspeed_config(run: Run, run_dir: Path) -> Path:
     return path
 
 
-def epoch_steps(run: Run, cache_file: Path) -> int:
-    """steps = epochs x training windows / batch size, for the corpus the run will build."""
-    from .. import data, models
-    from ..train import build_parser
-
-    defaults = vars(build_parser().parse_args([]))
-    preset = models.preset(run.preset)
-    opts = {**{k: defaults[k] for k in ("data", "tokenizer", "val_windows", "bpe_vocab",
-                                        "max_docs")},
-            "seq_len": preset["seq_len"], "batch_size": preset["batch_size"], **run.train}
-    opts["data"] = data.resolve_source(opts["data"])  # as stratopt_ds.train will resolve it
-    key = json.dumps({k: opts[k] for k in ("data", "tokenizer", "val_windows", "bpe_vocab",
-                                           "max_docs", "seq_len")}, sort_keys=True)
-    cache = read_json(cache_file) or {}
-    if key not in cache:
-        corpus = data.prepare_corpus(opts["data"], opts["tokenizer"], opts["seq_len"],
-                                     opts["val_windows"], opts["bpe_vocab"], None,
-                                     opts["max_docs"])
-        cache[key] = len(corpus.train)
-        cache_file.write_text(json.dumps(cache, indent=1) + "\n")
-    steps = int(run.train["epochs"] * cache[key] // opts["batch_size"])
+def epoch_steps(run: Run) -> int:
+    """steps = epochs x training windows / batch size, of the store the run will read (a source
+    is built into the store cache here, once, as the run itself would build it)."""
+    training = data_request(run).open(progress=False)
+    batch = run.train.get("batch_size", models.preset(run.preset)["batch_size"])
+    steps = int(run.train["epochs"] * len(training.train) // batch)
     if steps < 1:
-        raise PlanError(f"run {run.key}: {run.train['epochs']} epoch(s) of {cache[key]} training "
-                        f"windows at batch size {opts['batch_size']} is less than one step")
+        raise PlanError(f"run {run.key}: {run.train['epochs']} epoch(s) of {len(training.train)} "
+                        f"training windows at batch size {batch} is less than one step")
     return steps
 
 

@@ -51,7 +51,7 @@ def norm_check(trainer: StratTrainer) -> dict:
     reference on the same weights and the same per-rank micro-batches."""
     engine, opt = trainer.model_wrapped, trainer.built_optimizer
     world, rank = dist.get_world_size(), dist.get_rank()
-    windows = trainer.train_dataset.windows[: world * MICRO].long()
+    windows = trainer.train_dataset.windows.read(range(world * MICRO))
     weights = full_weights(engine)
     mine = windows[rank * MICRO:(rank + 1) * MICRO]
     engine.backward(engine(input_ids=mine, labels=mine).loss)
@@ -86,9 +86,9 @@ def client_optimizer_case(out: str) -> dict:
     model = models.build_model("tiny", 257, SEQ_LEN + 1)
     opt = create_optimizer("stratopt-nomix", model, lr=2e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
-    windows = data.prepare_corpus("synthetic", "byte", SEQ_LEN, 16, max_docs=200).train
+    windows = data.DataRequest("synthetic", SEQ_LEN, max_docs=200, val_windows=16).open().train
     trainer = StratTrainer(model=model, args=targs, optimizers=(opt, sched),
-                           train_dataset=hf_train.WindowDataset(windows))
+                           train_dataset=data.WindowDataset(windows))
     trainer.train()
     inner = trainer.model_wrapped.basic_optimizer
     return {"inner_is_client": inner is opt, "inner_optimizer": type(inner).__name__,

@@ -1,0 +1,276 @@
+"""Where documents come from: the synthetic corpus, local files, or FineWeb streamed from the hub.
+
+A source is described once (``describe_source``: which files, in which order, and an identity
+that changes when any of them changes) and then read as a *stream* of documents
+(``iter_documents``): nothing here holds more than one document, or one Parquet batch, at a time,
+so reading a 40 GB source costs the same memory as reading a small one.
+
+Every reader names the file and the line (or the column) of a fault: binary data, text that is
+not UTF-8, a JSON line without the text field, a Parquet file without the column.
+"""
+from __future__ import annotations
+
+import glob
+import itertools
+import json
+import os
+import random
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+from .errors import SourceError
+
+
+# ------------------------------------------------------------------------------------------------
+# The synthetic corpus: English-like documents from a small template grammar (offline, seeded)
+
+_SUBJECTS = ["the cat", "the dog", "a bird", "my friend", "the old man", "the teacher",
+             "a small child", "the farmer", "her brother", "the king", "our neighbour", "the girl"]
+_VERBS = ["sees", "likes", "finds", "carries", "watches", "paints", "buys", "sells", "wants",
+          "holds", "follows", "remembers"]
+_ADJECTIVES = ["red", "big", "little", "green", "heavy", "quiet", "bright", "old", "new", "warm"]
+_NOUNS = ["ball", "house", "apple", "river", "book", "boat", "tree", "song", "garden", "letter",
+          "window", "horse"]
+_PLACES = ["in the park", "at the market", "near the river", "in the morning", "after dinner",
+           "by the sea", "on the hill", "every day"]
+_TEMPLATES = ["{s} {v} the {a} {n}.",
+              "{s} {v} a {a} {n} {p}.",
+              "{S} {v} the {n} because {s2} {v2} it.",
+              "when {s} {v} the {a} {n}, {s2} {v2} the {n2}.",
+              "{s} said that {s2} {v2} a {a} {n}.",
+              "does {s} see the {a} {n}? yes, {s} {v} it {p}."]
+
+SYNTHETIC_SEED = 1234
+SYNTHETIC_DOCS = 2000  # documents of 'synthetic' when no --max-docs is given
+
+
+def _sentence(rng: random.Random) -> str:
+    words = dict(s=rng.choice(_SUBJECTS), s2=rng.choice(_SUBJECTS), v=rng.choice(_VERBS),
+                 v2=rng.choice(_VERBS), a=rng.choice(_ADJECTIVES), n=rng.choice(_NOUNS),
+                 n2=rng.choice(_NOUNS), p=rng.choice(_PLACES))
+    words["S"] = words["s"].capitalize()
+    text = re.sub(r"\ba ([aeiou])", r"an \1", rng.choice(_TEMPLATES).format(**words))
+    return text[0].upper() + text[1:]
+
+
+def synthetic_documents(num_docs: int = SYNTHETIC_DOCS, seed: int = SYNTHETIC_SEED) -> Iterator[str]:
+    """The same seed gives the same documents; the first k of n are the k of a shorter corpus."""
+    rng = random.Random(seed)
+    for _ in range(num_docs):
+        yield " ".join(_sentence(rng) for _ in range(rng.randint(3, 8)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Local files, read as streams
+
+
+def _binary_fault(path: Path, lineno: int, line: bytes) -> Optional[str]:
+    if b"\x00" in line:
+        return f"{path}: line {lineno} holds a NUL byte: binary data, not text"
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return (f"{path}: line {lineno} is not UTF-8 text ({e.reason} at byte {e.start} of the "
+                f"line); is it a binary file?")
+    return None
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 file, one line in memory at a time."""
+    try:
+        handle = path.open("rb")
+    except OSError as e:
+        raise SourceError(f"{path}: cannot be read ({e.strerror or e})") from None
+    with handle:
+        for lineno, raw in enumerate(handle, 1):
+            fault = _binary_fault(path, lineno, raw)
+            if fault:
+                raise SourceError(fault)
+            yield lineno, raw.decode("utf-8")
+
+
+def read_txt(path: Path, text_field: str = "text") -> Iterator[str]:
+    """One document per paragraph: blocks of lines separated by blank lines."""
+    block: list[str] = []
+    for _, line in _lines(path):
+        if line.strip():
+            block.append(line)
+        elif block:
+            yield "".join(block).strip()
+            block = []
+    if block:
+        yield "".join(block).strip()
+
+
+def read_jsonl(path: Path, text_field: str = "text") -> Iterator[str]:
+    """One document per line: the ``text_field`` of a JSON object."""
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            text = json.loads(line)[text_field]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise SourceError(f"{path}:{lineno}: expected a JSON object with a {text_field!r} "
+                              f"field ({type(e).__name__}: {e})") from None
+        if not isinstance(text, str):
+            raise SourceError(f"{path}:{lineno}: field {text_field!r} holds "
+                              f"{type(text).__name__}, not text")
+        yield text
+
+
+def read_parquet(path: Path, text_field: str = "text") -> Iterator[str]:
+    """The ``text_field`` column, one record batch in memory at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        reader = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise SourceError(f"{path}: not a readable Parquet file ({e})") from None
+    names = reader.schema_arrow.names
+    if text_field not in names:
+        raise SourceError(f"{path}: no {text_field!r} column; columns: {', '.join(names)}")
+    if not pa.types.is_string(reader.schema_arrow.field(text_field).type) and \
+            not pa.types.is_large_string(reader.schema_arrow.field(text_field).type):
+        raise SourceError(f"{path}: column {text_field!r} is "
+                          f"{reader.schema_arrow.field(text_field).type}, not text")
+    try:
+        for batch in reader.iter_batches(batch_size=1024, columns=[text_field]):
+            for text in batch.column(0).to_pylist():
+                if text is not None:
+                    yield text
+    except pa.ArrowException as e:
+        raise SourceError(f"{path}: corrupted Parquet data ({e})") from None
+
+
+READERS = {".txt": read_txt, ".jsonl": read_jsonl, ".parquet": read_parquet}
+
+
+# ------------------------------------------------------------------------------------------------
+# FineWeb and the 'auto' default
+
+FINEWEB = "HuggingFaceFW/fineweb"
+FINEWEB_CONFIG = "sample-10BT"
+HUB_HOST = ("huggingface.co", 443)
+
+
+def iter_fineweb(config: str = FINEWEB_CONFIG, text_field: str = "text") -> Iterator[str]:
+    """FineWeb documents streamed from the Hugging Face hub (needs network access)."""
+    from datasets import load_dataset
+
+    for row in load_dataset(FINEWEB, name=config, split="train", streaming=True):
+        yield row[text_field]
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """True unless offline mode is set or the hub cannot be reached within ``timeout`` seconds."""
+    if any(os.environ.get(v, "0").lower() in ("1", "true", "yes")
+           for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return False
+    try:
+        socket.create_connection(HUB_HOST, timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+# Sources given by name rather than by a path.
+NAMED_SOURCES = ("synthetic", "fineweb", "auto")
+
+
+def resolve_source(source: str) -> str:
+    """'auto' is FineWeb when the hub is reachable, else the synthetic corpus."""
+    if source != "auto":
+        return source
+    return "fineweb" if hub_reachable() else "synthetic"
+
+
+# ------------------------------------------------------------------------------------------------
+# Describing a source: its files in order, and an identity for cache keys
+
+
+@dataclass(frozen=True)
+class Source:
+    spec: str                      # as the user gave it
+    kind: str                      # 'synthetic', 'fineweb' or 'files'
+    files: tuple[Path, ...] = ()   # 'files': in reading order
+
+    def identity(self, fineweb_config: str = FINEWEB_CONFIG) -> dict:
+        """What the tokens depend on. Files count by path, size and modification time: an edit
+        gives a new identity (and so a new cached store) without reading the whole file."""
+        if self.kind == "synthetic":
+            return {"kind": "synthetic", "seed": SYNTHETIC_SEED, "generator": 1}
+        if self.kind == "fineweb":
+            return {"kind": "fineweb", "dataset": FINEWEB, "config": fineweb_config}
+        files = []
+        for path in self.files:
+            st = path.stat()
+            files.append([str(path), st.st_size, st.st_mtime_ns])
+        return {"kind": "files", "files": files}
+
+    @property
+    def slug(self) -> str:
+        """A short readable name for cache directories."""
+        if self.kind != "files":
+            return self.kind
+        stem = Path(self.spec.rstrip("/")).name or "files"
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", stem)[:40] or "files"
+
+
+def _check_file(path: Path, where: str) -> None:
+    if path.suffix not in READERS:
+        raise SourceError(f"{where}: unsupported file {str(path)!r}: expected one of "
+                          f"{', '.join(READERS)}, a directory or glob of them, 'synthetic' or "
+                          f"'fineweb'")
+    if not os.access(path, os.R_OK):
+        raise SourceError(f"{path}: cannot be read (permission denied)")
+
+
+def describe_source(spec: str) -> Source:
+    """A named source, a file, a directory (its supported files, recursively, sorted) or a glob.
+
+    Raises SourceError (or FileNotFoundError for a path that does not exist) naming the input.
+    """
+    spec = resolve_source(spec)
+    if spec in ("synthetic", "fineweb"):
+        return Source(spec, spec)
+    if any(ch in spec for ch in "*?["):
+        matches = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+        if not matches:
+            raise FileNotFoundError(f"no files match {spec!r}")
+        for path in matches:
+            _check_file(path, f"glob {spec!r}")
+        return Source(spec, "files", tuple(p.resolve() for p in matches))
+    path = Path(spec)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in READERS
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        if not files:
+            raise SourceError(f"directory {spec!r} holds no {'/'.join(READERS)} files (and no "
+                              f"manifest.json: it is not a token store either)")
+        for p in files:
+            _check_file(p, f"directory {spec!r}")
+        return Source(spec, "files", tuple(p.resolve() for p in files))
+    if not path.exists():
+        if path.suffix in READERS:
+            raise FileNotFoundError(f"data file not found: {spec}")
+        raise FileNotFoundError(f"no such data file, directory or token store: {spec} (make a "
+                                f"store with python -m stratopt_ds.data build SOURCE --out {spec})")
+    _check_file(path, "data")
+    return Source(spec, "files", (path.resolve(),))
+
+
+def iter_documents(source: Source, max_docs: Optional[int] = None, text_field: str = "text",
+                   fineweb_config: str = FINEWEB_CONFIG) -> Iterator[str]:
+    """The source's non-empty documents in order, at most ``max_docs`` of them."""
+    if source.kind == "synthetic":
+        docs: Iterator[str] = synthetic_documents(max_docs or SYNTHETIC_DOCS)
+    elif source.kind == "fineweb":
+        docs = iter_fineweb(fineweb_config, text_field)
+    else:
+        docs = itertools.chain.from_iterable(READERS[p.suffix](p, text_field) for p in source.files)
+    docs = (d for d in docs if d)
+    return itertools.islice(docs, max_docs) if max_docs is not None else docs
