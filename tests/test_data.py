@@ -84,11 +84,26 @@ def test_store_holds_the_documents_tokenized_in_order_for_1_and_2_processes(
     assert m["documents"]["val"] + m["documents"]["train"] == m["documents"]["read"] == 300
     assert m["tokens"]["val"] + m["tokens"]["train"] == len(expected)
     assert m["dtype"] == "uint16" and len(m["parts"]["train"]) > 3
-    val = one.part("val").read(0, len(one.part("val")))
-    assert len(val) >= 300 and val[-1] == eos  # whole documents, at least --val-tokens
-    assert len(val) - 300 < max(len(encode(d)) + 1 for d in docs)  # one document past it at most
+    assert m["tokens"]["val"] == 300  # exactly --val-tokens, the source's first tokens
+    starts = np.cumsum([0] + [len(encode(d)) + 1 for d in docs])[:-1]
+    assert m["documents"]["val"] == int((starts < 300).sum())  # a document counts where it starts
     assert one.tokenizer["files"] == ({} if tokenizer == "byte" else
                                       {"tokenizer.json": m["tokenizer"]["files"]["tokenizer.json"]})
+
+
+def test_one_long_document_does_not_swallow_the_corpus(tmp_path):
+    """A .txt without blank lines is one document: the validation part still takes only the
+    first --val-tokens tokens of it, and the document goes on in the training part."""
+    path = tmp_path / "lines.txt"
+    path.write_text("".join(f"line {i} of one long document\n" for i in range(2000)))
+    store = data.build_store(str(path), tmp_path / "s", data.BuildSettings(val_tokens=1000),
+                             progress=False)
+    m = store.manifest
+    assert m["tokens"]["val"] == 1000 and m["tokens"]["train"] > 50_000
+    assert m["documents"] == {"val": 1, "train": 0, "read": 1}
+    text = path.read_text().strip().encode()
+    assert np.array_equal(flat_tokens(store), np.frombuffer(text + b"\x00", np.uint8).astype(
+        np.uint16) + np.r_[np.zeros(len(text), np.uint16), [256]])
 
 
 def test_max_tokens_and_max_docs_bound_the_store(tmp_path):
@@ -121,6 +136,30 @@ def test_a_complete_store_is_reused_and_other_settings_are_refused(tmp_path):
     with pytest.raises(data.StoreError, match="exists and is not a token store"):
         data.build_store(str(src), tmp_path / "other", progress=False)
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("mine", [["notes.txt", ".build/cache"], [".build/cache"], ["tokenizer/vocab"]])
+def test_a_directory_of_the_users_is_never_built_in_nor_removed(tmp_path, mine):
+    """Even one with a .build/ or tokenizer/ of its own (other tools make those)."""
+    out = tmp_path / "users"
+    for name in mine:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("mine")
+    src = write_jsonl(tmp_path / "docs.jsonl", paragraphs(5))
+    for settings in (data.BuildSettings(val_tokens=10**7), data.BuildSettings(val_tokens=10)):
+        with pytest.raises(data.StoreError, match="exists and is not a token store"):
+            data.build_store(str(src), out, settings, progress=False)
+    assert all((out / name).read_text() == "mine" for name in mine)
+    assert not data.is_store(out)
+
+
+def test_bad_input_in_an_empty_directory_of_the_users_leaves_the_directory(tmp_path):
+    (tmp_path / "empty").mkdir()
+    src = write_jsonl(tmp_path / "docs.jsonl", paragraphs(5))
+    with pytest.raises(data.StoreError, match="less than --val-tokens"):
+        data.build_store(str(src), tmp_path / "empty", data.BuildSettings(val_tokens=10**7),
+                         progress=False)
+    assert (tmp_path / "empty").is_dir() and not any((tmp_path / "empty").iterdir())
 
 
 BUILD_CMD = [sys.executable, "-m", "stratopt_ds.data", "build", "synthetic", "--max-docs",
@@ -167,6 +206,48 @@ def test_a_killed_build_is_refused_then_continues_to_the_same_store(tmp_path):
     data.open_store(out, verify=True)
 
 
+def test_a_resumed_stream_skips_the_files_it_had_read(tmp_path, monkeypatch):
+    """The position a build records lets it resume without opening the files before it."""
+    from stratopt_ds.data import sources
+
+    for i in range(4):
+        write_jsonl(tmp_path / f"part{i}.jsonl", [f"file {i} doc {k}" for k in range(5)])
+    source = data.describe_source(str(tmp_path))
+    stream = data.DocumentStream(source, max_docs=17)
+    docs, positions = [], []
+    for doc in stream:
+        docs.append(doc)
+        positions.append(stream.position())
+    assert len(docs) == 17 and positions[11] == {"docs": 12, "file": 2, "in_file": 2}
+    opened = []
+    real = sources.READERS[".jsonl"]
+    monkeypatch.setitem(sources.READERS, ".jsonl", lambda p, f: opened.append(p.name) or real(p, f))
+    assert list(data.DocumentStream(source, max_docs=17, start=positions[11])) == docs[12:]
+    assert opened == ["part2.jsonl", "part3.jsonl"]
+
+
+def test_a_resumed_hub_stream_continues_from_the_datasets_state(tmp_path, monkeypatch):
+    """FineWeb's position is the streaming dataset's own state_dict (shown offline on a local
+    streaming dataset of the same kind)."""
+    from datasets import load_dataset
+
+    from stratopt_ds.data import sources
+
+    for i in range(3):
+        write_jsonl(tmp_path / f"shard{i}.jsonl", [f"shard {i} row {k}" for k in range(6)])
+    files = sorted(str(p) for p in tmp_path.glob("shard*.jsonl"))
+    monkeypatch.setattr(sources, "fineweb_dataset", lambda config: load_dataset(
+        "json", data_files=files, split="train", streaming=True))
+    stream = data.DocumentStream(data.describe_source("fineweb"))
+    docs, positions = [], []
+    for doc in stream:
+        docs.append(doc)
+        positions.append(stream.position())
+    assert len(docs) == 18 and "state" in positions[8]
+    resumed = data.DocumentStream(data.describe_source("fineweb"), start=positions[8])
+    assert list(resumed) == docs[9:]
+
+
 # ------------------------------------------------------------------------------------------------
 # Reading: windows, the epoch order, resumable batches
 
@@ -198,6 +279,7 @@ def test_feistel_permutation_is_a_bijection(n):
     perm = data.Permutation(n, seed=12345)
     values = perm(np.arange(n))
     assert sorted(values.tolist()) == list(range(n))
+    assert [int(perm(i)) for i in range(min(n, 40))] == values[:40].tolist()  # one int at a time
 
 
 def test_feistel_permutation_is_seeded_random_and_per_index():
@@ -306,6 +388,41 @@ def test_a_local_hugging_face_tokenizer_directory(tmp_path, monkeypatch):
     assert np.array_equal(flat_tokens(store), expected)
     assert store.load_tokenizer().encode(docs[0]) == bpe.encode(docs[0])
     assert data.DataRequest(str(store.path), 16, tokenizer=str(hf_dir), val_windows=8).check() == str(hf_dir)
+
+
+def test_a_resumed_build_whose_tokenizer_was_changed_fails_without_hanging(tmp_path, monkeypatch):
+    """The parent loads (and checks) the tokenizer before starting any worker process."""
+    src = write_jsonl(tmp_path / "docs.jsonl", paragraphs(400))
+    monkeypatch.setattr(store_module, "CHUNK_DOCS", 5)
+    settings = data.BuildSettings(tokenizer="bpe", bpe_vocab=300, val_tokens=100, shard_tokens=500)
+    real_route = store_module._Build.route
+    calls = []
+
+    def route_then_die(self, *args):
+        calls.append(1)
+        if len(calls) == 20:
+            raise KeyboardInterrupt  # stands for a kill: the build keeps its progress
+        return real_route(self, *args)
+
+    monkeypatch.setattr(store_module._Build, "route", route_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        data.build_store(str(src), tmp_path / "s", settings, num_proc=2, progress=False,
+                         cache_dir=tmp_path / "cache")
+    monkeypatch.setattr(store_module._Build, "route", real_route)
+    tok = tmp_path / "s" / "tokenizer" / "tokenizer.json"
+    tok.write_text(tok.read_text() + " ")
+    with pytest.raises(data.TokenizerError, match="tokenizer.json: checksum mismatch"):
+        data.build_store(str(src), tmp_path / "s", settings, num_proc=2, progress=False,
+                         cache_dir=tmp_path / "cache")
+    assert (tmp_path / "s" / "train-00000.bin").is_file()  # a resumed build keeps its shards
+
+
+def test_a_source_directory_with_a_manifest_of_another_tool_is_a_source(tmp_path):
+    write_jsonl(tmp_path / "docs.jsonl", paragraphs(200))
+    (tmp_path / "manifest.json").write_text('{"name": "my dataset", "version": 3}')
+    assert not data.is_store(tmp_path)
+    request = data.DataRequest(str(tmp_path), 16, val_windows=4, cache_dir=str(tmp_path / ".c"))
+    assert request.check() == "byte" and len(request.open().train) > 0
 
 
 def test_an_unknown_hub_tokenizer_offline_is_named(tmp_path, monkeypatch):

@@ -185,6 +185,9 @@ def test_bad_plans_are_refused_with_a_clear_message():
     assert "train.data '/no/such/corpus.txt': data file not found: /no/such/corpus.txt" in msg
     msg = broken(lambda p: p["train"].update(epochs=1))
     assert "give exactly one of train.steps and train.epochs (got both)" in msg
+    msg = broken(lambda p: (p["train"].update(epochs=1, data="fineweb"), p["train"].pop("steps"),
+                            p["train"].pop("max_docs")))
+    assert "train.epochs of 'fineweb' (FineWeb) needs a corpus of a fixed size" in msg
     msg = broken(lambda p: p.update(baseline="sgd"))
     assert "baseline: 'sgd' is not an arm; arms: adamw, stratopt" in msg
     msg = broken(lambda p: p["sizes"]["tiny"].update(preset="13b"))

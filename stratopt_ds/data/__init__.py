@@ -18,7 +18,7 @@ from .batches import (Batch, BatchIterator, Permutation, WindowDataset, Windows,
                       epoch_permutation)
 from .errors import DataError, SourceError, StoreError, TokenizerError
 from .request import DataRequest, TrainingData
-from .sources import (NAMED_SOURCES, READERS, Source, describe_source, hub_reachable,
+from .sources import (NAMED_SOURCES, READERS, DocumentStream, Source, describe_source, hub_reachable,
                       iter_documents, resolve_source, synthetic_documents)
 from .store import (DEFAULT_SHARD_TOKENS, DEFAULT_VAL_TOKENS, MANIFEST, BuildSettings, TokenPart,
                     TokenStore, build_store, is_store, open_store)
@@ -29,7 +29,7 @@ __all__ = [
     "Batch", "BatchIterator", "Permutation", "WindowDataset", "Windows", "WindowSampler",
     "epoch_permutation", "DataError", "SourceError", "StoreError", "TokenizerError",
     "DataRequest", "TrainingData", "NAMED_SOURCES", "READERS", "Source", "describe_source",
-    "hub_reachable", "iter_documents", "resolve_source", "synthetic_documents",
+    "DocumentStream", "hub_reachable", "iter_documents", "resolve_source", "synthetic_documents",
     "DEFAULT_SHARD_TOKENS", "DEFAULT_VAL_TOKENS", "MANIFEST", "BuildSettings", "TokenPart",
     "TokenStore", "build_store", "is_store", "open_store", "DEFAULT_BPE_VOCAB", "EOS_TOKEN",
     "MIN_BPE_VOCAB", "ByteTokenizer", "encode_documents", "train_bpe",

@@ -39,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-tokens", type=int, default=None,
                    help="stop when the training part holds N tokens")
     b.add_argument("--val-tokens", type=int, default=DEFAULT_VAL_TOKENS,
-                   help="the validation part: the source's first whole documents, at least N "
-                        f"tokens (default: {DEFAULT_VAL_TOKENS:,}; 0: none)")
+                   help="the validation part: the source's first N tokens (the document at the "
+                        f"boundary goes on in the training part) (default: {DEFAULT_VAL_TOKENS:,}; "
+                        "0: none)")
     b.add_argument("--fineweb-config", default=FINEWEB_CONFIG,
                    help=f"FineWeb config of SOURCE 'fineweb' (default: {FINEWEB_CONFIG})")
     b.add_argument("--bpe-vocab", type=int, default=DEFAULT_BPE_VOCAB,

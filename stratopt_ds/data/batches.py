@@ -70,16 +70,18 @@ class Permutation:
         return (left << half) | right
 
     def __call__(self, index: np.ndarray | int) -> np.ndarray:
-        x = np.asarray(index, dtype=np.uint64)
-        if x.size and int(x.max()) >= self.n:
-            raise IndexError(f"index {int(x.max())} outside a permutation of {self.n}")
+        """The images of ``index`` (an int or an array of them), with its shape."""
+        shape = np.shape(index)
+        x = np.asarray(index, dtype=np.int64).reshape(-1)
+        if x.size and (int(x.min()) < 0 or int(x.max()) >= self.n):
+            raise IndexError(f"index outside a permutation of {self.n}")
         with np.errstate(over="ignore"):  # the round function multiplies modulo 2**64
-            y = self._encrypt(x)
+            y = self._encrypt(x.astype(np.uint64))
             outside = y >= self.n
             while outside.any():  # cycle-walk back into range(n)
                 y[outside] = self._encrypt(y[outside])
                 outside = y >= self.n
-        return y.astype(np.int64)
+        return y.astype(np.int64).reshape(shape)
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> Permutation:

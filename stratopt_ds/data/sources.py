@@ -157,12 +157,11 @@ FINEWEB_CONFIG = "sample-10BT"
 HUB_HOST = ("huggingface.co", 443)
 
 
-def iter_fineweb(config: str = FINEWEB_CONFIG, text_field: str = "text") -> Iterator[str]:
-    """FineWeb documents streamed from the Hugging Face hub (needs network access)."""
+def fineweb_dataset(config: str = FINEWEB_CONFIG):
+    """FineWeb as a ``datasets`` IterableDataset, streamed from the hub (needs network access)."""
     from datasets import load_dataset
 
-    for row in load_dataset(FINEWEB, name=config, split="train", streaming=True):
-        yield row[text_field]
+    return load_dataset(FINEWEB, name=config, split="train", streaming=True)
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -263,14 +262,70 @@ def describe_source(spec: str) -> Source:
     return Source(spec, "files", (path.resolve(),))
 
 
+class DocumentStream:
+    """The source's non-empty documents in order (at most ``max_docs``), and where the next one
+    starts: ``position()`` between two documents, ``start=`` a position to begin at.
+
+    A build records the position with its progress, so a resumed build neither tokenizes nor
+    reads again what it had done: files before the position are not opened, and FineWeb resumes
+    from the ``datasets`` stream's own state. Only the documents read into the current file are
+    read once more (parsed, not tokenized).
+    """
+
+    def __init__(self, source: Source, max_docs: Optional[int] = None, text_field: str = "text",
+                 fineweb_config: str = FINEWEB_CONFIG, start: Optional[dict] = None):
+        self.source, self.max_docs, self.text_field = source, max_docs, text_field
+        self.fineweb_config = fineweb_config
+        start = start or {}
+        self.docs = start.get("docs", 0)             # documents yielded, from the source's start
+        self.file, self.in_file = start.get("file", 0), start.get("in_file", 0)
+        self._resume_state = start.get("state")
+        self._dataset = None
+
+    def position(self) -> dict:
+        where: dict = {"docs": self.docs}
+        if self.source.kind == "files":
+            where.update(file=self.file, in_file=self.in_file)
+        elif self.source.kind == "fineweb" and self._dataset is not None:
+            where["state"] = self._dataset.state_dict()
+        return where
+
+    def __iter__(self) -> Iterator[str]:
+        if self.max_docs is not None and self.docs >= self.max_docs:
+            return
+        for doc in self._documents():
+            self.docs += 1
+            yield doc
+            if self.max_docs is not None and self.docs >= self.max_docs:
+                return  # before reading on: position() is right after the last document
+
+    def _documents(self) -> Iterator[str]:
+        if self.source.kind == "synthetic":
+            yield from itertools.islice(synthetic_documents(self.max_docs or SYNTHETIC_DOCS),
+                                        self.docs, None)
+        elif self.source.kind == "fineweb":
+            self._dataset = fineweb_dataset(self.fineweb_config)
+            if self._resume_state is not None:
+                self._dataset.load_state_dict(self._resume_state)
+            elif self.docs:
+                raise SourceError("cannot resume a FineWeb build without the stream's state")
+            for row in self._dataset:
+                if row[self.text_field]:
+                    yield row[self.text_field]
+        else:
+            skip = self.in_file
+            for self.file in range(self.file, len(self.source.files)):
+                path = self.source.files[self.file]
+                docs = (d for d in READERS[path.suffix](path, self.text_field) if d)
+                self.in_file = skip
+                for doc in itertools.islice(docs, skip, None):
+                    self.in_file += 1
+                    yield doc
+                skip = 0
+            self.file, self.in_file = len(self.source.files), 0
+
+
 def iter_documents(source: Source, max_docs: Optional[int] = None, text_field: str = "text",
                    fineweb_config: str = FINEWEB_CONFIG) -> Iterator[str]:
     """The source's non-empty documents in order, at most ``max_docs`` of them."""
-    if source.kind == "synthetic":
-        docs: Iterator[str] = synthetic_documents(max_docs or SYNTHETIC_DOCS)
-    elif source.kind == "fineweb":
-        docs = iter_fineweb(fineweb_config, text_field)
-    else:
-        docs = itertools.chain.from_iterable(READERS[p.suffix](p, text_field) for p in source.files)
-    docs = (d for d in docs if d)
-    return itertools.islice(docs, max_docs) if max_docs is not None else docs
+    return iter(DocumentStream(source, max_docs, text_field, fineweb_config))

@@ -4,7 +4,7 @@ Layout of a store directory::
 
     manifest.json        written last and atomically: a store without it is never read
     tokenizer/           the tokenizer's files (none for 'byte'), hashed in the manifest
-    val-00000.bin ...    the validation part: the source's first documents, --val-tokens of them
+    val-00000.bin ...    the validation part: the source's first --val-tokens tokens
     train-00000.bin ...  the training part: every later document
     .build/              only while building: progress of an interrupted build
 
@@ -31,8 +31,11 @@ import itertools
 import json
 import multiprocessing
 import os
+import re
 import shutil
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,7 +45,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import DataError, StoreError
-from .sources import FINEWEB_CONFIG, Source, describe_source, iter_documents
+from .sources import FINEWEB_CONFIG, DocumentStream, Source, describe_source
 from .tokenizer import (DEFAULT_BPE_VOCAB, MIN_BPE_VOCAB, TOKENIZER_DIR, encode_documents,
                         load_tokenizer, make_tokenizer, save_tokenizer, token_dtype)
 
@@ -71,7 +74,7 @@ class BuildSettings:
     bpe_sample_chars: int = 16 << 20        # the source prefix the BPE is trained on
     max_docs: Optional[int] = None          # documents read from the source, at most
     max_tokens: Optional[int] = None        # tokens of the training part, at most
-    val_tokens: int = DEFAULT_VAL_TOKENS    # the validation part: whole documents, at least this
+    val_tokens: int = DEFAULT_VAL_TOKENS    # the validation part: the source's first tokens
     shard_tokens: int = DEFAULT_SHARD_TOKENS
     text_field: str = "text"                # of .jsonl objects and .parquet columns
     fineweb_config: str = FINEWEB_CONFIG
@@ -191,17 +194,18 @@ class PartWriter:
         self.file, self.digest, self.buffered = None, None, 0
 
 
-def _chunks(docs: Iterator[str]) -> Iterator[list[str]]:
-    """Lists of documents of about CHUNK_CHARS characters: the unit of work of one worker."""
+def _chunks(stream: DocumentStream) -> Iterator[tuple[list[str], dict]]:
+    """(documents, the stream's position after them): about CHUNK_CHARS characters, the unit of
+    work of one worker."""
     chunk, size = [], 0
-    for doc in docs:
+    for doc in stream:
         chunk.append(doc)
         size += len(doc)
         if size >= CHUNK_CHARS or len(chunk) >= CHUNK_DOCS:
-            yield chunk
+            yield chunk, stream.position()
             chunk, size = [], 0
     if chunk:
-        yield chunk
+        yield chunk, stream.position()
 
 
 _worker_state: dict = {}
@@ -217,33 +221,52 @@ def _encode_chunk(docs: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return encode_documents(_worker_state["tok"], docs, _worker_state["dtype"])
 
 
-def encode_in_order(chunks: Iterator[list[str]], directory: Path, info: dict,
-                    num_proc: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(ids, lengths) per chunk, in the chunks' order, from ``num_proc`` processes.
+def _process_context():
+    """forkserver where there is one: workers fork from a clean server that has imported this
+    module (and torch, through the package) once, so starting N workers costs one import and
+    their pages are shared; spawn elsewhere. Never fork from the parent itself: it may have used
+    the tokenizers' thread pool (BPE training), which a forked child inherits locked."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+        return context
+    return multiprocessing.get_context("spawn")
+
+
+def encode_in_order(chunks: Iterator[tuple[list[str], dict]], directory: Path, info: dict,
+                    num_proc: int) -> Iterator[tuple[np.ndarray, np.ndarray, dict]]:
+    """(ids, lengths, position) per chunk, in the chunks' order, from ``num_proc`` processes.
 
     At most two chunks per process are in flight, so a slow writer holds back the reader
     instead of letting tokenized text pile up in memory (``Pool.imap`` would read the whole
-    source ahead).
+    source ahead). A worker that dies (killed, out of memory) fails the build instead of
+    leaving it waiting for a result that never comes.
     """
+    tok = load_tokenizer(directory, info)  # here first: a bad tokenizer fails before any worker
+    dtype = token_dtype(info["vocab_size"])
     head = list(itertools.islice(chunks, 2 * num_proc))
     if num_proc <= 1 or len(head) < 2 * num_proc:  # or a small source: no processes to start
-        tok = load_tokenizer(directory, info)
-        dtype = token_dtype(info["vocab_size"])
-        for chunk in itertools.chain(head, chunks):
-            yield encode_documents(tok, chunk, dtype)
+        for docs, position in itertools.chain(head, chunks):
+            yield (*encode_documents(tok, docs, dtype), position)
         return
-    chunks = itertools.chain(head, chunks)
-    # spawn, not fork: the parent may have used the tokenizers' thread pool (BPE training),
-    # which a forked child would inherit locked.
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(num_proc, initializer=_init_worker, initargs=(str(directory), info)) as pool:
+    with ProcessPoolExecutor(num_proc, mp_context=_process_context(), initializer=_init_worker,
+                             initargs=(str(directory), info)) as pool:
         inflight: deque = deque()
-        for chunk in chunks:
-            inflight.append(pool.apply_async(_encode_chunk, (chunk,)))
-            if len(inflight) >= 2 * num_proc:
-                yield inflight.popleft().get()
-        while inflight:
-            yield inflight.popleft().get()
+        try:
+            for docs, position in itertools.chain(head, chunks):
+                inflight.append((pool.submit(_encode_chunk, docs), position))
+                if len(inflight) >= 2 * num_proc:
+                    future, where = inflight.popleft()
+                    yield (*future.result(), where)
+            while inflight:
+                future, where = inflight.popleft()
+                yield (*future.result(), where)
+        except BrokenProcessPool as e:
+            raise RuntimeError(f"a tokenizer process died ({e}); the build keeps its last "
+                               f"complete shard: run it again to continue") from None
+        finally:
+            for future, _ in inflight:
+                future.cancel()
 
 
 def default_num_proc(tokenizer: str = "bpe") -> int:
@@ -296,11 +319,14 @@ class _Build:
 
     # -- the build -------------------------------------------------------------------------------
 
+    def stream(self, start: Optional[dict] = None) -> DocumentStream:
+        s = self.settings
+        return DocumentStream(self.source, s.max_docs, s.text_field, s.fineweb_config, start)
+
     def sample(self) -> list[str]:
         """The first documents, about ``bpe_sample_chars`` characters of them (BPE training)."""
         docs, size = [], 0
-        for doc in iter_documents(self.source, self.settings.max_docs, self.settings.text_field,
-                                  self.settings.fineweb_config):
+        for doc in self.stream():
             docs.append(doc)
             size += len(doc)
             if size >= self.settings.bpe_sample_chars:
@@ -311,43 +337,38 @@ class _Build:
         s = self.settings
         self.state_dir.mkdir(parents=True, exist_ok=True)
         state = self.read_state(self.out)
-        if state is None or state.get("key") != self.key:
+        if state is None:
             tok = make_tokenizer(s.tokenizer, self.sample, s.bpe_vocab, self.cache_dir)
             info = save_tokenizer(tok, self.out / TOKENIZER_DIR)
-            state = {"key": self.key, "tokenizer": info, "docs_read": 0,
+            state = {"key": self.key, "tokenizer": info, "position": None,
                      "documents": {"val": 0, "train": 0}, "val_done": s.val_tokens == 0,
                      "max_token_id": -1, "parts": {"val": [], "train": []}, "pending": {}}
             _write_json(self.state_dir / "state.json", state)
-        elif state["docs_read"]:
+        elif state["position"]:
             print(f"continuing the build of {self.out} after "
                   f"{sum(len(v) for v in state['parts'].values())} complete shard(s) "
-                  f"({state['docs_read']:,} documents read)", flush=True)
+                  f"({state['position']['docs']:,} documents read)", flush=True)
         info = state["tokenizer"]
         dtype = token_dtype(info["vocab_size"])
         writers = {part: PartWriter(self.out, part, dtype, s.shard_tokens, state["parts"][part],
                                     self._pending(state, part)) for part in PARTS}
         val, train = writers["val"], writers["train"]
-        if state["val_done"] and val.buffered:
-            val.close()  # cannot happen with a consistent state; keeps the parts whole
 
-        docs = iter_documents(self.source, s.max_docs, s.text_field, s.fineweb_config)
-        docs = itertools.islice(docs, state["docs_read"], None)
         total = None if s.max_tokens is None else s.max_tokens + s.val_tokens
         bar = tqdm(total=total, initial=val.tokens + train.tokens, unit="tok", unit_scale=True,
                    desc=f"build {self.out.name}", disable=not self.progress, dynamic_ncols=True,
                    smoothing=0.1)
+        chunks = _chunks(self.stream(state["position"]))
         try:
-            for ids, lengths in encode_in_order(_chunks(docs), self.out / TOKENIZER_DIR, info,
-                                                self.num_proc):
-                if len(ids):
-                    state["max_token_id"] = max(state["max_token_id"], int(ids.max()))
+            for ids, lengths, position in encode_in_order(chunks, self.out / TOKENIZER_DIR, info,
+                                                          self.num_proc):
+                if s.max_tokens is not None and train.tokens >= s.max_tokens:
+                    break
                 completed, routed = self.route(ids, lengths, state, val, train)
-                state["docs_read"] += len(lengths)
+                state["position"] = position
                 if completed:
                     self.save_state(state, writers)
                 bar.update(routed)
-                if s.max_tokens is not None and train.tokens >= s.max_tokens:
-                    break
         finally:
             bar.close()
         if not state["val_done"] and s.val_tokens:
@@ -365,26 +386,30 @@ class _Build:
 
     def route(self, ids: np.ndarray, lengths: np.ndarray, state: dict, val: PartWriter,
               train: PartWriter) -> tuple[bool, int]:
-        """Whole documents to the validation part until it holds ``val_tokens``, the rest to the
-        training part (cut at ``max_tokens``). Returns (a shard was completed, tokens routed)."""
+        """The first ``val_tokens`` tokens to the validation part (the document at the boundary
+        goes on in the training part: one long document cannot swallow the corpus), the rest to
+        the training part, cut at ``max_tokens``. A document counts in the part where it starts.
+        Returns (a shard was completed, tokens routed)."""
         s = self.settings
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
-        first, completed = 0, False
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        cut, completed = 0, False
         if not state["val_done"]:
-            need = s.val_tokens - val.tokens
-            first = min(int(np.searchsorted(offsets, need, side="left")), len(lengths))
-            completed = val.add(ids[:offsets[first]])
-            state["documents"]["val"] += first
+            cut = min(s.val_tokens - val.tokens, len(ids))
+            completed = val.add(ids[:cut])
+            state["documents"]["val"] += int(np.searchsorted(starts, cut, side="left"))
             if val.tokens >= s.val_tokens:
                 completed = val.close() or completed
                 state["val_done"] = True
-        rest = ids[offsets[first]:]
-        starts = offsets[first:-1] - offsets[first]
+        rest = ids[cut:]
         if s.max_tokens is not None:
             rest = rest[:max(0, s.max_tokens - train.tokens)]
-        state["documents"]["train"] += int(np.searchsorted(starts, len(rest), side="left"))
+        state["documents"]["train"] += int(np.searchsorted(starts, cut + len(rest), side="left")
+                                           - np.searchsorted(starts, cut, side="left"))
+        routed = cut + len(rest)
+        if routed:
+            state["max_token_id"] = max(state["max_token_id"], int(ids[:routed].max()))
         completed = train.add(rest) or completed
-        return completed, int(offsets[first]) + len(rest)
+        return completed, routed
 
     def _pending(self, state: dict, part: str) -> Optional[np.ndarray]:
         name = state["pending"].get(part)
@@ -411,21 +436,22 @@ def build_store(source: str | Source, out: str | Path, settings: Optional[BuildS
                              f"(source {store.manifest['source']['spec']!r}, tokenizer "
                              f"{store.tokenizer_name!r}); give another --out or delete it")
         return store
-    if (out / BUILD_DIR).is_dir():
-        state = _Build.read_state(out)
-        if state is not None and state.get("key") != key:
-            raise StoreError(f"{out}: holds an interrupted build of another source or other "
-                             f"settings; give another --out, or delete it to start afresh")
-    elif out.exists() and any(out.iterdir()):
+    state = _Build.read_state(out)
+    if state is not None and state.get("key") != key:
+        raise StoreError(f"{out}: holds an interrupted build of another source or other "
+                         f"settings; give another --out, or delete it to start afresh")
+    if state is None and out.exists() and not _only_store_files(out):
         raise StoreError(f"{out}: exists and is not a token store; give a new or empty directory")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     build = _Build(src, out, settings, key, num_proc or default_num_proc(settings.tokenizer),
                    progress, cache_dir)
     try:
         state = build.run()
     except DataError:
-        shutil.rmtree(out, ignore_errors=True)  # bad input: no half-written store stays behind
-        raise
+        if not state:  # bad input in a fresh build: nothing half-written stays behind
+            _remove_store_files(out, created)
+        raise  # a resumed build keeps its complete shards: it is refused until finished
     manifest = {
         "format": FORMAT, "version": VERSION, "key": key,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -433,7 +459,8 @@ def build_store(source: str | Source, out: str | Path, settings: Optional[BuildS
         "settings": asdict(settings), "tokenizer": state["tokenizer"],
         "dtype": token_dtype(state["tokenizer"]["vocab_size"]).name,
         "shard_tokens": settings.shard_tokens, "max_token_id": state["max_token_id"],
-        "documents": {**state["documents"], "read": state["docs_read"]},
+        "documents": {**state["documents"],
+                      "read": state["documents"]["val"] + state["documents"]["train"]},
         "tokens": {part: sum(x["tokens"] for x in state["parts"][part]) for part in PARTS},
         "parts": state["parts"],
     }
@@ -441,6 +468,36 @@ def build_store(source: str | Source, out: str | Path, settings: Optional[BuildS
     _write_json(out / MANIFEST, manifest)  # last: from here on the store is complete
     shutil.rmtree(out / BUILD_DIR, ignore_errors=True)
     return open_store(out)
+
+
+_STORE_FILE = re.compile(rf"^(?:{'|'.join(PARTS)})-\d{{5}}\.bin$|^\..*\.tmp$")
+
+
+_BUILD_FILE = re.compile(r"^state\.json$|^pending-\w+-\d+\.npy$|^\..*\.tmp$")
+
+
+def _only_store_files(out: Path) -> bool:
+    """Nothing in ``out`` but what a build writes (an empty directory too): safe to build in,
+    and safe to clean. A ``tokenizer/`` counts only beside our ``.build/``."""
+    names = {p.name for p in out.iterdir()}
+    build = out / BUILD_DIR
+    if BUILD_DIR in names and not (build.is_dir() and
+                                   all(_BUILD_FILE.match(p.name) for p in build.iterdir())):
+        return False
+    if TOKENIZER_DIR in names and BUILD_DIR not in names:
+        return False
+    return all(n in (TOKENIZER_DIR, BUILD_DIR) or _STORE_FILE.match(n) for n in names)
+
+
+def _remove_store_files(out: Path, created: bool) -> None:
+    """Remove what a build wrote in ``out`` (only that), and ``out`` itself if the build made it."""
+    for path in out.iterdir():
+        if path.name in (TOKENIZER_DIR, BUILD_DIR):
+            shutil.rmtree(path, ignore_errors=True)
+        elif _STORE_FILE.match(path.name):
+            path.unlink(missing_ok=True)
+    if created and not any(out.iterdir()):
+        out.rmdir()
 
 
 def _fingerprint(manifest: dict) -> str:
@@ -566,9 +623,17 @@ class TokenStore:
 
 
 def is_store(path: str | Path) -> bool:
-    """A directory with a manifest, or with the progress of an interrupted build."""
+    """A directory with our manifest, or the progress of an interrupted build (and nothing else):
+    a directory of source files that happens to hold another tool's manifest.json is a source."""
     path = Path(path)
-    return path.is_dir() and ((path / MANIFEST).exists() or (path / BUILD_DIR).exists())
+    if not path.is_dir():
+        return False
+    if (path / MANIFEST).is_file():
+        try:
+            return json.loads((path / MANIFEST).read_text()).get("format") == FORMAT
+        except (ValueError, AttributeError):
+            return True  # unreadable: open_store says what is wrong with it
+    return (path / BUILD_DIR).is_dir() and _only_store_files(path)
 
 
 def open_store(path: str | Path, verify: bool = False) -> TokenStore:

@@ -384,6 +384,11 @@ def _check_data(run: Run, where: str) -> None:
                 f"STRATOPT_STORES)" if isinstance(e, FileNotFoundError) else "")
         raise PlanError(f"{where}: train.data {source!r}: {e}{hint}") from None
     if not request.from_store:
+        if steps is None and request.max_docs is None and \
+                data.describe_source(request.data).kind == "fineweb":
+            raise PlanError(f"{where}: train.epochs of {source!r} (FineWeb) needs a corpus of a "
+                            f"fixed size: build a store (python -m stratopt_ds.data build fineweb "
+                            f"--max-docs N ...) and name it in train.data, or give train.max_docs")
         return
     windows = len(data.Windows(data.open_store(request.data).part("train"), request.seq_len))
     batch = run.train.get("batch_size", models.preset(run.preset)["batch_size"])
