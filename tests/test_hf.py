@@ -142,6 +142,26 @@ def test_trainer_builds_ours_with_its_decay_groups_names_and_args(tmp_path):
     assert args.max_grad_norm == 0.0  # the optimizer clips itself: the Trainer's clip is off
 
 
+def test_trainer_draws_store_windows_in_the_data_paths_epoch_order(tmp_path):
+    """A WindowDataset gets the seeded per-index order (data_seed), not RandomSampler's
+    torch.randperm of every window; other datasets keep the Trainer's own sampler."""
+    from stratopt_ds import data
+
+    store = data.build_store("synthetic", tmp_path / "store", data.BuildSettings(max_docs=200, val_tokens=100),
+                             progress=False)
+    windows = data.Windows(store.part("train"), 16)
+    args = parse(tmp_path, "--optim", "stratopt", "--data_seed", "7", "--per_device_train_batch_size", "4")
+    trainer = StratTrainer(model=models.build_model("tiny", 257, 17), args=args,
+                           train_dataset=data.WindowDataset(windows))
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, data.WindowSampler) and list(sampler) == list(data.WindowSampler(len(windows), 7))
+    first = next(iter(trainer.get_train_dataloader()))["input_ids"]
+    assert torch.equal(first, windows.read(list(sampler)[:4]))
+    other = StratTrainer(model=models.build_model("tiny", 257, 17), args=args,
+                         train_dataset=[{"input_ids": torch.zeros(17, dtype=torch.long)}] * 8)
+    assert not isinstance(other._get_train_sampler(), data.WindowSampler)
+
+
 def test_trainer_keeps_names_for_our_class_in_optimizer_cls_and_kwargs(tmp_path):
     trainer = StratTrainer(model=models.build_model("tiny", seq_len=16), args=parse(tmp_path, "--weight_decay", "0.1"),
                            optimizer_cls_and_kwargs=(stratopt_ds.LASqrtB1DepthClipLayer,
