@@ -66,7 +66,7 @@ setup(
     # torch is deliberately a floor, not a pin: an installed torch must never be upgraded.
     install_requires=["torch>=2.1", "numpy", "tqdm"],
     extras_require={
-        "train": ["transformers>=4.40", "tokenizers", "datasets", "deepspeed>=0.14", "accelerate"],
+        "train": ["transformers>=4.40", "tokenizers", "datasets>=2.18", "deepspeed>=0.14", "accelerate"],
         "test": ["pytest"],
     },
     entry_points={"console_scripts": ["stratopt-train=stratopt_ds.train:cli"]},

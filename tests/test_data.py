@@ -248,6 +248,52 @@ def test_a_resumed_hub_stream_continues_from_the_datasets_state(tmp_path, monkey
     assert list(resumed) == docs[9:]
 
 
+def descendants(pid: int) -> set[int]:
+    found, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except OSError:
+            continue
+        found |= {int(c) for c in children}
+        todo += [int(c) for c in children]
+    return found
+
+
+def test_killing_a_parallel_build_leaves_no_process_behind(tmp_path):
+    """kill -9 of the build process alone (as the OOM killer does): its tokenizer workers and
+    their forkserver end too, and the rerun continues to the same store."""
+    cmd = [sys.executable, "-m", "stratopt_ds.data", "build", "synthetic", "--tokenizer", "bpe",
+           "--bpe-vocab", "300", "--bpe-sample-chars", "20000", "--max-docs", "60000",
+           "--val-tokens", "1000", "--shard-tokens", "20000", "--num-proc", "2", "--no-progress",
+           "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "s")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state, helpers = tmp_path / "s" / ".build" / "state.json", set()
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        helpers |= descendants(proc.pid)
+        if len(helpers) >= 3 and state.is_file() and "train-00001" in state.read_text():
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(helpers) >= 3, "no workers seen: the build ended before the kill"
+    deadline = time.time() + 20
+    while time.time() < deadline and any(Path(f"/proc/{p}").exists() and
+                                         "zombie" not in Path(f"/proc/{p}/status").read_text()
+                                         for p in helpers):
+        time.sleep(0.1)
+    alive = [p for p in helpers if Path(f"/proc/{p}").exists()
+             and "zombie" not in Path(f"/proc/{p}/status").read_text()]
+    for pid in alive:  # the test's own leftovers, by pid, before it fails
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, f"processes of the killed build still run: {alive}"
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "continuing the build" in again.stdout, again.stderr[-2000:]
+    assert data.open_store(tmp_path / "s", verify=True).manifest["documents"]["read"] == 60000
+
+
 # ------------------------------------------------------------------------------------------------
 # Reading: windows, the epoch order, resumable batches
 

@@ -25,14 +25,17 @@ touches them.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import itertools
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import re
 import shutil
+import threading
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -213,8 +216,23 @@ _worker_state: dict = {}
 
 def _init_worker(directory: str, info: dict) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
+    _exit_with_the_build()
     _worker_state["tok"] = load_tokenizer(Path(directory), info)
     _worker_state["dtype"] = token_dtype(info["vocab_size"])
+
+
+def _exit_with_the_build() -> None:
+    """A worker ends when the build process ends, however it ends (kill -9, OOM): without this
+    a worker blocked on sending a result would wait forever, and keep the forkserver alive."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-the-build").start()
 
 
 def _encode_chunk(docs: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -233,6 +251,17 @@ def _process_context():
     return multiprocessing.get_context("spawn")
 
 
+def _stop_forkserver() -> None:
+    """After the build: the server (with torch imported) need not sit beside a training run.
+    Best effort, through the method CPython's own tests use; the next use starts a new one."""
+    from multiprocessing import forkserver
+
+    stop = getattr(getattr(forkserver, "_forkserver", None), "_stop", None)
+    if stop is not None:
+        with contextlib.suppress(OSError, ChildProcessError):
+            stop()
+
+
 def encode_in_order(chunks: Iterator[tuple[list[str], dict]], directory: Path, info: dict,
                     num_proc: int) -> Iterator[tuple[np.ndarray, np.ndarray, dict]]:
     """(ids, lengths, position) per chunk, in the chunks' order, from ``num_proc`` processes.
@@ -249,24 +278,27 @@ def encode_in_order(chunks: Iterator[tuple[list[str], dict]], directory: Path, i
         for docs, position in itertools.chain(head, chunks):
             yield (*encode_documents(tok, docs, dtype), position)
         return
-    with ProcessPoolExecutor(num_proc, mp_context=_process_context(), initializer=_init_worker,
-                             initargs=(str(directory), info)) as pool:
-        inflight: deque = deque()
-        try:
-            for docs, position in itertools.chain(head, chunks):
-                inflight.append((pool.submit(_encode_chunk, docs), position))
-                if len(inflight) >= 2 * num_proc:
+    try:
+        with ProcessPoolExecutor(num_proc, mp_context=_process_context(),
+                                 initializer=_init_worker, initargs=(str(directory), info)) as pool:
+            inflight: deque = deque()
+            try:
+                for docs, position in itertools.chain(head, chunks):
+                    inflight.append((pool.submit(_encode_chunk, docs), position))
+                    if len(inflight) >= 2 * num_proc:
+                        future, where = inflight.popleft()
+                        yield (*future.result(), where)
+                while inflight:
                     future, where = inflight.popleft()
                     yield (*future.result(), where)
-            while inflight:
-                future, where = inflight.popleft()
-                yield (*future.result(), where)
-        except BrokenProcessPool as e:
-            raise RuntimeError(f"a tokenizer process died ({e}); the build keeps its last "
-                               f"complete shard: run it again to continue") from None
-        finally:
-            for future, _ in inflight:
-                future.cancel()
+            except BrokenProcessPool as e:
+                raise RuntimeError(f"a tokenizer process died ({e}); the build keeps its last "
+                                   f"complete shard: run it again to continue") from None
+            finally:
+                for future, _ in inflight:
+                    future.cancel()
+    finally:
+        _stop_forkserver()
 
 
 def default_num_proc(tokenizer: str = "bpe") -> int:
@@ -437,7 +469,7 @@ def build_store(source: str | Source, out: str | Path, settings: Optional[BuildS
                              f"{store.tokenizer_name!r}); give another --out or delete it")
         return store
     state = _Build.read_state(out)
-    if state is not None and state.get("key") != key:
+    if state is not None and (state.get("key") != key or "position" not in state):
         raise StoreError(f"{out}: holds an interrupted build of another source or other "
                          f"settings; give another --out, or delete it to start afresh")
     if state is None and out.exists() and not _only_store_files(out):
@@ -470,10 +502,10 @@ def build_store(source: str | Source, out: str | Path, settings: Optional[BuildS
     return open_store(out)
 
 
-_STORE_FILE = re.compile(rf"^(?:{'|'.join(PARTS)})-\d{{5}}\.bin$|^\..*\.tmp$")
+_STORE_FILE = re.compile(rf"^\.?(?:{'|'.join(PARTS)})-\d{{5}}\.bin(?:\.tmp)?$|^\.{MANIFEST}\.tmp$")
 
 
-_BUILD_FILE = re.compile(r"^state\.json$|^pending-\w+-\d+\.npy$|^\..*\.tmp$")
+_BUILD_FILE = re.compile(r"^\.?(?:state\.json|pending-(?:val|train)-\d+\.npy)(?:\.tmp)?$")
 
 
 def _only_store_files(out: Path) -> bool:
@@ -630,9 +662,10 @@ def is_store(path: str | Path) -> bool:
         return False
     if (path / MANIFEST).is_file():
         try:
-            return json.loads((path / MANIFEST).read_text()).get("format") == FORMAT
-        except (ValueError, AttributeError):
-            return True  # unreadable: open_store says what is wrong with it
+            manifest = json.loads((path / MANIFEST).read_text())
+        except ValueError:  # unreadable: ours if the rest looks like a store
+            return (path / TOKENIZER_DIR).is_dir() or any(path.glob("train-*.bin"))
+        return isinstance(manifest, dict) and manifest.get("format") == FORMAT
     return (path / BUILD_DIR).is_dir() and _only_store_files(path)
 
 
