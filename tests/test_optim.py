@@ -221,6 +221,42 @@ def test_bf16_parameters_keep_fp32_states():
     assert state["exp_avg"].dtype == torch.float32 and model.head.weight.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_model_resumes_bit_identically(backend, dtype, monkeypatch):
+    """torch's load_state_dict would cast the moments to the parameters' dtype (the kernels then
+    refuse them, and a bf16 model could not resume at all); they come back float32, exactly as
+    saved, and the resumed run steps on bit for bit like the uninterrupted one."""
+    monkeypatch.setenv("STRATOPT_OPS", backend)
+
+    def make(seed):
+        model = _model(seed).to(dtype)
+        return model, stratopt_ds.create_optimizer("stratopt", model, lr=1e-2, t_alpha=8, t_beta3=8)
+
+    model, opt = make(11)
+    for step in range(4):
+        compute_grads(model, step)
+        opt.step()
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), _clone_state(opt.state_dict())
+    for step in range(4, 7):
+        compute_grads(model, step)
+        opt.step()
+    resumed, opt2 = make(99)
+    resumed.load_state_dict(saved_model)
+    opt2.load_state_dict(saved_opt)
+    for p in resumed.parameters():
+        st = opt2.state[p]
+        assert st["exp_avg"].dtype == st["exp_avg_sq"].dtype == st["exp_avg_slow"].dtype == torch.float32
+        assert st["step"].dtype == torch.float64
+    for step in range(4, 7):
+        compute_grads(resumed, step)
+        opt2.step()
+    for (k, a), b in zip(model.named_parameters(), resumed.parameters()):
+        assert a.dtype == dtype and torch.equal(a, b), k
+    for a, b in zip(opt.state.values(), opt2.state.values()):
+        assert all(torch.equal(a[key], b[key]) for key in a), a.keys()
+
+
 BAD_INPUT = [
     (dict(lr=-1.0), "lr=-1.0"),
     (dict(lr=float("nan")), "lr=nan"),

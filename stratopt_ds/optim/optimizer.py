@@ -237,4 +237,18 @@ class LayerwiseAdam(Optimizer):
                              "optimizer (keys: %s)" % sorted(state_dict))
         stats = state_dict.pop("layer_stats")
         super().load_state_dict(state_dict)
+        self._restore_state_dtypes(state_dict)
         self.layer_stats.load_state_dict(stats)
+
+    def _restore_state_dtypes(self, state_dict: dict[str, Any]) -> None:
+        """torch's ``load_state_dict`` casts every floating state to its parameter's dtype: a
+        bf16 model's moments would come back rounded to bf16 (and the kernels refuse them), and
+        a step counter stays where ``map_location`` put it. Take each state tensor again from the
+        saved one, exact: moments float32 and step counters float64, on the parameter's device."""
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if torch.is_tensor(value) and value.is_floating_point():
+                    dtype = torch.float64 if key == "step" else torch.float32
+                    self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
