@@ -24,7 +24,7 @@ from typing import Iterator, Optional
 
 from .batches import Windows
 from .errors import DataError, StoreError
-from .sources import describe_source
+from .sources import Source, describe_source
 from .store import MANIFEST, BuildSettings, TokenStore, build_key, build_store, is_store, open_store
 from .tokenizer import default_cache_dir, matches
 
@@ -64,8 +64,7 @@ class DataRequest:
             store = open_store(self.data)
             self.check_store(store)
             return store.tokenizer_name
-        describe_source(self.data)
-        return self.build_settings().tokenizer
+        return self.build_settings(describe_source(self.data)).tokenizer
 
     def check_store(self, store: TokenStore) -> None:
         for option, value in (("--max-docs", self.max_docs), ("--max-tokens", self.max_tokens)):
@@ -96,12 +95,12 @@ class DataRequest:
                              f"{self.val_windows * s + 1:,} validation tokens; the store "
                              f"{store.path} holds {val:,} ({(val - 1) // s} windows)")
 
-    def build_settings(self) -> BuildSettings:
+    def build_settings(self, source: Source) -> BuildSettings:
         """How a source is built: the validation part holds exactly ``val_windows`` windows, so
         the windows evaluated are fixed by the source and the options, never by a seed."""
         max_tokens = self.max_tokens
         if max_tokens is None and self.max_docs is None and self.run_tokens is not None and \
-                describe_source(self.data).kind == "fineweb":
+                source.kind == "fineweb":
             max_tokens = self.run_tokens + 1  # one pass of the run, no text seen twice
         return BuildSettings(tokenizer=self.tokenizer or "byte",
                              bpe_vocab=self.bpe_vocab or BuildSettings.bpe_vocab,
@@ -115,7 +114,7 @@ class DataRequest:
         if self.from_store:
             return open_store(self.data)
         source = describe_source(self.data)
-        settings = self.build_settings()
+        settings = self.build_settings(source)
         cache = Path(self.cache_dir or default_cache_dir())
         tokenizer = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(settings.tokenizer).name)[:40]
         directory = cache / "stores" / f"{source.slug}-{tokenizer}-{build_key(source, settings)}"
@@ -127,14 +126,10 @@ class DataRequest:
 
     def open(self, progress: bool = True) -> TrainingData:
         store = self.store(progress)
-        self.check_store_fits(store)
+        if self.from_store:  # a store from the cache was built for this request: it fits
+            self.check_store(store)
         return TrainingData(store, Windows(store.part("train"), self.seq_len),
                             Windows(store.part("val"), self.seq_len, limit=self.val_windows))
-
-    def check_store_fits(self, store: TokenStore) -> None:
-        """A built store against the run (a cached store was built for it: always fits)."""
-        if self.from_store:
-            self.check_store(store)
 
 
 @contextlib.contextmanager

@@ -148,6 +148,20 @@ def data_request(run: Run, steps: Optional[int] = None) -> data.DataRequest:
                             evaluate=opts["eval_batches"] > 0, run_tokens=run_tokens)
 
 
+def batch_size(run: Run) -> int:
+    """The run's global batch: the plan's, else the preset's (as stratopt_ds.train fills it)."""
+    return run.train.get("batch_size", models.preset(run.preset)["batch_size"])
+
+
+def steps_of_epochs(run: Run, windows: int) -> int:
+    """``train.epochs`` over ``windows`` training windows, in steps of the run's batch."""
+    steps = int(run.train["epochs"] * windows // batch_size(run))
+    if steps < 1:
+        raise PlanError(f"run {run.key}: {run.train['epochs']} epoch(s) of the {windows:,} "
+                        f"training windows at batch size {batch_size(run)} is less than one step")
+    return steps
+
+
 def make_run(size: Size, arm: Arm, seed: int, data_seed: int) -> Run:
     return Run(size.name, arm.name, seed, data_seed, size.preset, arm.optimizer,
                dict(arm.opt_args), {**size.train, **arm.train}, size.deepspeed)
@@ -391,11 +405,10 @@ def _check_data(run: Run, where: str) -> None:
                             f"--max-docs N ...) and name it in train.data, or give train.max_docs")
         return
     windows = len(data.Windows(data.open_store(request.data).part("train"), request.seq_len))
-    batch = run.train.get("batch_size", models.preset(run.preset)["batch_size"])
-    if steps is None and int(run.train["epochs"] * windows // batch) < 1:
-        raise PlanError(f"{where}: {run.train['epochs']} epoch(s) of the {windows:,} training "
-                        f"windows of {request.data} at batch_size {batch} is less than one step")
-    if steps is not None and steps * batch > windows:
+    if steps is None:
+        steps_of_epochs(run, windows)
+    elif steps * batch_size(run) > windows:
+        batch = batch_size(run)
         raise PlanError(f"{where}: {steps:,} steps x batch_size {batch} = {steps * batch:,} "
                         f"windows of {request.seq_len} tokens, but the store {request.data} holds "
                         f"{windows:,} training windows: the run would see data twice; build a "

@@ -31,8 +31,7 @@ from typing import Any, Optional
 
 from tqdm import tqdm
 
-from .. import models
-from .plan import Plan, PlanError, Run, data_request, load_plan
+from .plan import Plan, Run, data_request, load_plan, steps_of_epochs
 from .results import (DIVERGED, EVENTS_FILE, FAILED, FAILURES, INTERRUPTED, LOG_FILE, OK, PENDING,
                       PID_FILE, PLAN_COPY, SPEC_FILE, STATUS_FILE, STUDY_FILE, RunState, read_json,
                       run_state)
@@ -309,13 +308,7 @@ def write_deepspeed_config(run: Run, run_dir: Path) -> Path:
 def epoch_steps(run: Run) -> int:
     """steps = epochs x training windows / batch size, of the store the run will read (a source
     is built into the store cache here, once, as the run itself would build it)."""
-    training = data_request(run).open(progress=False)
-    batch = run.train.get("batch_size", models.preset(run.preset)["batch_size"])
-    steps = int(run.train["epochs"] * len(training.train) // batch)
-    if steps < 1:
-        raise PlanError(f"run {run.key}: {run.train['epochs']} epoch(s) of {len(training.train)} "
-                        f"training windows at batch size {batch} is less than one step")
-    return steps
+    return steps_of_epochs(run, len(data_request(run).open(progress=False).train))
 
 
 def divergence_reason(summary: dict) -> str:
