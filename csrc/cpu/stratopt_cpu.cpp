@@ -31,9 +31,12 @@
 #include <string>
 #include <vector>
 
+#include "../common/op_checks.h"
 #include "../common/update_scalars.h"
 
 namespace stratopt_cpu {
+
+namespace checks = stratopt::checks;
 
 constexpr int kLanes = 64;              // fp32 lanes of one block reduction
 constexpr int64_t kSumBlock = 4096;     // elements per sum-of-squares block
@@ -273,100 +276,22 @@ static std::string isa_name() {
   }
 }
 
-// ---- argument checks -------------------------------------------------------------------------
+// ---- argument checks: ../common/op_checks.h (shared with the CUDA op) -------------------------
 
-// Names an argument in error messages ("grads[3]"). It is formatted only when a check fails:
-// building these strings for every tensor of every call cost ~40 us per step at 183 tensors.
-struct ArgName {
-  const char* name;
-  int64_t index = -1;  // -1: not an element of a list
-};
-
-static std::ostream& operator<<(std::ostream& os, const ArgName& a) {
-  os << a.name;
-  if (a.index >= 0) os << "[" << a.index << "]";
-  return os;
-}
-
-static void check_cpu_contig(const at::Tensor& t, const ArgName& name) {
-  TORCH_CHECK(t.defined(), "stratopt cpu op: ", name, " is undefined");
-  TORCH_CHECK(t.device().is_cpu(), "stratopt cpu op: ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.is_contiguous(), "stratopt cpu op: ", name,
-              " must be contiguous (got strides ", t.strides(), "); call .contiguous() first");
-}
-
-static int grad_type(const at::Tensor& g, const ArgName& name) {
-  switch (g.scalar_type()) {
-    case at::kFloat: return 0;
-    case at::kBFloat16: return 1;
-    case at::kHalf: return 2;
-    default:
-      TORCH_CHECK(false, "stratopt cpu op: ", name, " must be float32, bfloat16 or float16, got ",
-                  g.scalar_type());
-  }
-  return 0;
-}
-
-static void check_f32(const at::Tensor& t, const ArgName& name, int64_t numel) {
-  check_cpu_contig(t, name);
-  TORCH_CHECK(t.scalar_type() == at::kFloat, "stratopt cpu op: ", name, " must be float32, got ",
-              t.scalar_type());
-  TORCH_CHECK(t.numel() == numel, "stratopt cpu op: ", name, " has ", t.numel(),
-              " elements, the parameter has ", numel);
-}
-
-// The value of a one-element step counter; read in place when it is a CPU float tensor (the
-// common case: a dispatcher round trip per tensor is most of a small step's host time).
-static double step_value(const at::Tensor& t, const ArgName& name) {
-  TORCH_CHECK(t.defined() && t.numel() == 1, "stratopt cpu op: ", name, " must hold one value");
-  if (t.device().is_cpu() && t.scalar_type() == at::kDouble) return *t.const_data_ptr<double>();
-  if (t.device().is_cpu() && t.scalar_type() == at::kFloat) return *t.const_data_ptr<float>();
-  return t.to(at::kCPU, at::kDouble).item<double>();
-}
-
-static at::Tensor checked_vector(const at::Tensor& t, const char* name, int64_t num_layers) {
-  TORCH_CHECK(t.defined(), "stratopt cpu op: ", name, " is undefined");
-  TORCH_CHECK(t.dim() == 1 && t.numel() == num_layers, "stratopt cpu op: ", name,
-              " must be a vector of length ", num_layers, " (one per layer), got shape ", t.sizes());
-  return t.to(at::kCPU, at::kDouble).contiguous();
-}
-
-// frags: int64 (F, 4) rows (tensor, start, length, layer); checks every row against the tensors.
-static const int64_t* checked_frags(const at::Tensor& frags, const std::vector<int64_t>& numels,
-                                    int64_t num_layers) {
-  check_cpu_contig(frags, {"frags"});
-  TORCH_CHECK(frags.scalar_type() == at::kLong, "stratopt cpu op: frags must be int64, got ",
-              frags.scalar_type());
-  TORCH_CHECK(frags.dim() == 2 && frags.size(1) == 4, "stratopt cpu op: frags must have shape (F, 4) "
-              "with rows (tensor, start, length, layer), got ", frags.sizes());
-  const int64_t* f = frags.data_ptr<int64_t>();
-  const int64_t n_t = static_cast<int64_t>(numels.size());
-  for (int64_t i = 0; i < frags.size(0); ++i) {
-    const int64_t t = f[4 * i], s = f[4 * i + 1], l = f[4 * i + 2], layer = f[4 * i + 3];
-    TORCH_CHECK(t >= 0 && t < n_t, "stratopt cpu op: frags row ", i, " names tensor ", t, " of ", n_t);
-    TORCH_CHECK(s >= 0 && l >= 0 && s + l <= numels[t], "stratopt cpu op: frags row ", i,
-                " [", s, ", ", s + l, ") is outside tensor ", t, " of ", numels[t], " elements");
-    TORCH_CHECK(layer >= 0 && layer < num_layers, "stratopt cpu op: frags row ", i, " layer ", layer,
-                " is outside [0, ", num_layers, ")");
-  }
-  return f;
+static void check_on_cpu(const c10::Device& dev) {
+  TORCH_CHECK(dev.is_cpu(), "stratopt cpu op: the tensors must be CPU tensors, got ", dev);
 }
 
 // ---- sums of squares -------------------------------------------------------------------------
 
 at::Tensor fragment_sumsq(const std::vector<at::Tensor>& grads, const at::Tensor& frags,
                           int64_t num_layers) {
-  TORCH_CHECK(num_layers >= 0, "stratopt cpu op: num_layers must be >= 0");
+  const checks::CheckedTensors c = checks::check_sumsq(grads, frags, num_layers);
+  check_on_cpu(c.device);
   SumsqPlan plan;
   plan.block_size = kSumBlock;
-  std::vector<int64_t> numels;
-  for (size_t i = 0; i < grads.size(); ++i) {
-    const ArgName name{"grads", static_cast<int64_t>(i)};
-    check_cpu_contig(grads[i], name);
-    plan.tensors.push_back({grads[i].data_ptr(), grad_type(grads[i], name)});
-    numels.push_back(grads[i].numel());
-  }
-  const int64_t* f = checked_frags(frags, numels, num_layers);
+  for (size_t i = 0; i < grads.size(); ++i) plan.tensors.push_back({grads[i].data_ptr(), c.grad_codes[i]});
+  const int64_t* f = frags.data_ptr<int64_t>();
   const int64_t n_frags = frags.size(0);
   for (int64_t i = 0; i < n_frags; ++i) plan.add(f[4 * i], f[4 * i + 1], f[4 * i + 2]);
 
@@ -396,64 +321,33 @@ void fragment_update(const std::vector<at::Tensor>& params, const std::vector<at
                      double beta1, double beta2, double eps, double weight_decay, double beta3,
                      double mix_alpha, int64_t t_alpha, int64_t t_beta3,
                      const std::vector<std::optional<at::Tensor>>& half_out) {
-  const size_t n = params.size();
-  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && steps.size() == n,
-              "stratopt cpu op: params, grads, exp_avgs, exp_avg_sqs and steps must have the same "
-              "length (", n, ", ", grads.size(), ", ", exp_avgs.size(), ", ", exp_avg_sqs.size(), ", ",
-              steps.size(), ")");
   const stratopt::UpdateHyper hyper{beta2, eps, weight_decay, beta3, mix_alpha, t_alpha, t_beta3};
   const bool has_m2 = hyper.has_m2();
-  TORCH_CHECK(!has_m2 || exp_avg_slows.size() == n, "stratopt cpu op: mix_alpha > 0 needs one "
-              "exp_avg_slow per parameter, got ", exp_avg_slows.size(), " for ", n);
-  TORCH_CHECK(half_out.empty() || half_out.size() == n, "stratopt cpu op: half_out must be empty or "
-              "have one entry (tensor or None) per parameter");
-  const int64_t num_layers = clip_coef.numel();
-  const at::Tensor coef_v = checked_vector(clip_coef, "clip_coef", num_layers);
-  const at::Tensor alpha_v = checked_vector(alpha, "alpha", num_layers);
-  at::Tensor b1_v;
-  if (beta1_layer.has_value() && beta1_layer->defined())
-    b1_v = checked_vector(*beta1_layer, "beta1_layer", num_layers);
-  TORCH_CHECK(finite.numel() == 1, "stratopt cpu op: finite must hold one flag, got ", finite.numel());
-  const bool is_finite = finite.to(at::kCPU).item<bool>();
+  const checks::CheckedTensors c = checks::check_update(params, grads, exp_avgs, exp_avg_sqs, exp_avg_slows, steps,
+                                                        frags, finite, clip_coef, alpha, beta1_layer, half_out,
+                                                        has_m2);
+  check_on_cpu(c.device);
+  const bool is_finite = *finite.const_data_ptr<bool>();
 
   UpdatePlan plan;
   plan.block_size = kUpdateBlock;
-  std::vector<int64_t> numels;
   std::vector<double> t_of;
-  for (size_t i = 0; i < n; ++i) {
-    const int64_t k = static_cast<int64_t>(i);
-    const int64_t numel = params[i].numel();
-    check_f32(params[i], {"params", k}, numel);
-    check_cpu_contig(grads[i], {"grads", k});
-    TORCH_CHECK(grads[i].numel() == numel, "stratopt cpu op: ", ArgName{"grads", k}, " has ",
-                grads[i].numel(), " elements, the parameter has ", numel);
-    check_f32(exp_avgs[i], {"exp_avgs", k}, numel);
-    check_f32(exp_avg_sqs[i], {"exp_avg_sqs", k}, numel);
-    UpdateTensor u{params[i].data_ptr<float>(), grads[i].data_ptr(), grad_type(grads[i], {"grads", k}),
+  for (size_t i = 0; i < params.size(); ++i) {
+    UpdateTensor u{params[i].data_ptr<float>(), grads[i].data_ptr(), c.grad_codes[i],
                    exp_avgs[i].data_ptr<float>(), exp_avg_sqs[i].data_ptr<float>(), nullptr, nullptr, 0};
-    if (has_m2) {
-      check_f32(exp_avg_slows[i], {"exp_avg_slows", k}, numel);
-      u.m2 = exp_avg_slows[i].data_ptr<float>();
+    if (has_m2) u.m2 = exp_avg_slows[i].data_ptr<float>();
+    if (c.copy_codes[i] != 0) {
+      u.out16 = static_cast<uint16_t*>(half_out[i]->data_ptr());
+      u.out_type = c.copy_codes[i];
     }
-    if (!half_out.empty() && half_out[i].has_value() && half_out[i]->defined()) {
-      const at::Tensor& o = *half_out[i];
-      const ArgName name{"half_out", k};
-      check_cpu_contig(o, name);
-      TORCH_CHECK(o.scalar_type() == at::kBFloat16 || o.scalar_type() == at::kHalf, "stratopt cpu op: ",
-                  name, " must be bfloat16 or float16, got ", o.scalar_type());
-      TORCH_CHECK(o.numel() == numel, "stratopt cpu op: ", name, " has ", o.numel(),
-                  " elements, the parameter has ", numel);
-      u.out16 = static_cast<uint16_t*>(o.data_ptr());
-      u.out_type = o.scalar_type() == at::kBFloat16 ? 1 : 2;
-    }
-    t_of.push_back(std::max(step_value(steps[i], {"steps", k}), 1.0));
+    t_of.push_back(std::max(*steps[i].const_data_ptr<double>(), 1.0));
     plan.tensors.push_back(u);
-    numels.push_back(numel);
   }
-  const int64_t* f = checked_frags(frags, numels, num_layers);
-  const double* coef = coef_v.data_ptr<double>();
-  const double* alph = alpha_v.data_ptr<double>();
-  const double* b1l = b1_v.defined() ? b1_v.data_ptr<double>() : nullptr;
+  const int64_t* f = frags.data_ptr<int64_t>();
+  const double* coef = clip_coef.const_data_ptr<double>();
+  const double* alph = alpha.const_data_ptr<double>();
+  const double* b1l = beta1_layer.has_value() && beta1_layer->defined() ? beta1_layer->const_data_ptr<double>()
+                                                                          : nullptr;
   for (int64_t i = 0; i < frags.size(0); ++i) {
     const int64_t tensor = f[4 * i], layer = f[4 * i + 3];
     plan.add(tensor, f[4 * i + 1], f[4 * i + 2]);
@@ -471,6 +365,7 @@ void fragment_update(const std::vector<at::Tensor>& params, const std::vector<at
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "StratOpt native CPU kernels (per-layer sums of squares, fused update)";
+  m.attr("KIND") = "cpu";  // the dispatcher calls an op by its kind, whatever tensors it runs on
   m.def("fragment_sumsq", &stratopt_cpu::fragment_sumsq, "per-layer float64 sums of squares",
         py::arg("grads"), py::arg("frags"), py::arg("num_layers"));
   m.def("fragment_update", &stratopt_cpu::fragment_update, "fused StratOpt update",

@@ -1,102 +1,122 @@
-// Torch glue of the StratOpt CUDA kernels: argument checks, the current stream, Python binding.
-// The tables (pointer table, chunk rows, per-layer chunk lists) are built and cached by
-// stratopt_ds/ops/dispatch.py; nothing here reads device memory on the host.
+// Torch glue of the StratOpt CUDA kernels: the argument checks shared with the CPU op
+// (../common/op_checks.h), the current stream, the Python binding.
+//
+// The ops take the same tensor lists as the CPU op, which are checked here on the host, plus the
+// device tables the kernels walk (pointer table, chunk rows, per-layer chunk lists), built from
+// those same lists and cached by stratopt_ds/ops/dispatch.py. Nothing here reads device memory
+// on the host, so a step needs no synchronisation and can be captured in a CUDA graph.
+//
+// STRATOPT_CUDA_DEVICE_TYPE is the device type the tensors must have: CUDA, except in the CPU
+// emulation build (csrc/emulation), which runs this same file on CPU tensors.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAStream.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <optional>
-#include <string>
+#include <vector>
 
+#include "../common/op_checks.h"
 #include "stratopt_cuda.h"
+
+#ifndef STRATOPT_CUDA_DEVICE_TYPE
+#define STRATOPT_CUDA_DEVICE_TYPE c10::DeviceType::CUDA
+#endif
 
 namespace {
 
-void check_dev(const at::Tensor& t, const char* name, at::ScalarType dtype, const at::Device& dev) {
-  TORCH_CHECK(t.defined(), "stratopt cuda op: ", name, " is undefined");
-  TORCH_CHECK(t.device() == dev, "stratopt cuda op: ", name, " must be on ", dev, ", got ", t.device());
-  TORCH_CHECK(t.scalar_type() == dtype, "stratopt cuda op: ", name, " must be ", dtype, ", got ",
-              t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), "stratopt cuda op: ", name, " must be contiguous");
+namespace checks = stratopt::checks;
+
+void check_on_device(const c10::Device& dev) {
+  TORCH_CHECK(dev.type() == STRATOPT_CUDA_DEVICE_TYPE, "stratopt cuda op: the tensors must be ",
+              c10::DeviceTypeName(STRATOPT_CUDA_DEVICE_TYPE, /*lower_case=*/true), " tensors, got ", dev);
 }
 
-void check_table(const at::Tensor& t, const char* name, int64_t cols, const at::Device& dev) {
-  check_dev(t, name, at::kLong, dev);
-  TORCH_CHECK(t.dim() == 2 && t.size(1) == cols, "stratopt cuda op: ", name, " must have shape (n, ",
-              cols, "), got ", t.sizes());
+// The tables come from dispatch.py, not from users; still, a wrong one would make the kernels
+// read wild addresses, so shape, dtype and device are checked (their contents match the lists
+// by construction: dispatch builds both from the same tensors).
+void check_table(const at::Tensor& t, const char* name, int64_t cols, int64_t rows, const c10::Device& dev) {
+  TORCH_CHECK(t.defined() && t.device() == dev && t.scalar_type() == at::kLong && t.is_contiguous() &&
+                  (cols == 0 ? t.dim() == 1 : (t.dim() == 2 && t.size(1) == cols)) && (rows < 0 || t.size(0) == rows),
+              "stratopt cuda op: ", name, " must be a contiguous int64 table on ", dev, " with ",
+              rows < 0 ? std::string("any number of") : std::to_string(rows), " rows",
+              cols ? " of " + std::to_string(cols) : std::string(), ", got ",
+              t.defined() ? c10::toString(t.scalar_type()) : "nothing", " of shape ",
+              t.defined() ? t.sizes() : at::IntArrayRef{});
 }
 
-at::Tensor sumsq(const at::Tensor& ptrs, int64_t grad_dtype, const at::Tensor& chunks,
-                 const at::Tensor& layer_ptr, const at::Tensor& layer_chunks, int64_t num_layers) {
-  const at::Device dev = ptrs.device();
-  TORCH_CHECK(dev.is_cuda(), "stratopt cuda op: ptrs must be a CUDA tensor");
-  check_table(ptrs, "ptrs", stratopt_cuda::kPtrCols, dev);
-  check_table(chunks, "chunks", 4, dev);
-  check_dev(layer_ptr, "layer_ptr", at::kLong, dev);
-  check_dev(layer_chunks, "layer_chunks", at::kLong, dev);
-  TORCH_CHECK(layer_ptr.numel() == num_layers + 1, "stratopt cuda op: layer_ptr needs num_layers + 1 entries");
-  TORCH_CHECK(grad_dtype >= 0 && grad_dtype <= 2, "stratopt cuda op: grad_dtype must be 0, 1 or 2");
+at::Tensor fragment_sumsq(const std::vector<at::Tensor>& grads, const at::Tensor& frags, int64_t num_layers,
+                          const at::Tensor& ptrs, const at::Tensor& chunks, const at::Tensor& layer_ptr,
+                          const at::Tensor& layer_chunks) {
+  const checks::CheckedTensors c = checks::check_sumsq(grads, frags, num_layers);
+  if (grads.empty()) return at::zeros({num_layers}, at::TensorOptions().dtype(at::kDouble));
+  const c10::Device dev = c.device;
+  check_on_device(dev);
+  check_table(ptrs, "ptrs", stratopt_cuda::kPtrCols, static_cast<int64_t>(grads.size()), dev);
+  check_table(chunks, "chunks", 4, -1, dev);
+  check_table(layer_ptr, "layer_ptr", 0, num_layers + 1, dev);
+  check_table(layer_chunks, "layer_chunks", 0, -1, dev);
   c10::cuda::CUDAGuard guard(dev);
   const int64_t n_chunks = chunks.size(0);
-  at::Tensor partial = at::empty({std::max<int64_t>(n_chunks, 1)}, ptrs.options().dtype(at::kFloat));
-  at::Tensor out = at::empty({num_layers}, ptrs.options().dtype(at::kDouble));
-  const cudaError_t err = stratopt_cuda::sumsq(
-      ptrs.data_ptr<int64_t>(), static_cast<int>(grad_dtype), chunks.data_ptr<int64_t>(), n_chunks,
-      layer_ptr.data_ptr<int64_t>(), layer_chunks.data_ptr<int64_t>(), num_layers,
-      partial.data_ptr<float>(), out.data_ptr<double>(), c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == cudaSuccess, "stratopt cuda op: sumsq launch failed: ", cudaGetErrorString(err));
+  const at::TensorOptions on_dev = at::TensorOptions().device(dev);
+  at::Tensor partial = at::empty({std::max<int64_t>(n_chunks, 1)}, on_dev.dtype(at::kFloat));
+  at::Tensor out = at::empty({num_layers}, on_dev.dtype(at::kDouble));
+  stratopt_cuda::sumsq(ptrs.data_ptr<int64_t>(), chunks.data_ptr<int64_t>(), n_chunks, layer_ptr.data_ptr<int64_t>(),
+                       layer_chunks.data_ptr<int64_t>(), num_layers, partial.data_ptr<float>(),
+                       out.data_ptr<double>(), c10::cuda::getCurrentCUDAStream(dev.index()).stream());
   return out;
 }
 
-void update(const at::Tensor& ptrs, int64_t grad_dtype, const at::Tensor& chunks, const at::Tensor& finite,
-            const at::Tensor& clip_coef, const at::Tensor& alpha,
-            const std::optional<at::Tensor>& beta1_layer, double lr, double beta1, double beta2,
-            double eps, double weight_decay, double beta3, double mix_alpha, int64_t t_alpha,
-            int64_t t_beta3, int64_t out_type, const std::optional<at::Tensor>& lr_tensor) {
-  const at::Device dev = ptrs.device();
-  TORCH_CHECK(dev.is_cuda(), "stratopt cuda op: ptrs must be a CUDA tensor");
-  check_table(ptrs, "ptrs", stratopt_cuda::kPtrCols, dev);
-  check_table(chunks, "chunks", 4, dev);
-  check_dev(finite, "finite", at::kBool, dev);
-  TORCH_CHECK(finite.numel() == 1, "stratopt cuda op: finite must hold one flag");
-  check_dev(clip_coef, "clip_coef", at::kDouble, dev);
-  check_dev(alpha, "alpha", at::kDouble, dev);
-  TORCH_CHECK(alpha.numel() == clip_coef.numel(), "stratopt cuda op: alpha and clip_coef lengths differ");
-  const double* b1 = nullptr;
-  if (beta1_layer.has_value() && beta1_layer->defined()) {
-    check_dev(*beta1_layer, "beta1_layer", at::kDouble, dev);
-    TORCH_CHECK(beta1_layer->numel() == clip_coef.numel(), "stratopt cuda op: beta1_layer length differs");
-    b1 = beta1_layer->data_ptr<double>();
-  }
-  TORCH_CHECK(grad_dtype >= 0 && grad_dtype <= 2, "stratopt cuda op: grad_dtype must be 0, 1 or 2");
-  c10::cuda::CUDAGuard guard(dev);
-  TORCH_CHECK(out_type >= 0 && out_type <= 2, "stratopt cuda op: out_type must be 0, 1 or 2");
-  stratopt_cuda::Hyper h{{beta2, eps, weight_decay, beta3, mix_alpha, t_alpha, t_beta3}, lr, beta1,
-                         static_cast<int>(out_type)};
+void fragment_update(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                     const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
+                     const std::vector<at::Tensor>& exp_avg_slows, const std::vector<at::Tensor>& steps,
+                     const at::Tensor& frags, const at::Tensor& finite, const at::Tensor& clip_coef,
+                     const at::Tensor& alpha, const std::optional<at::Tensor>& beta1_layer, double lr, double beta1,
+                     double beta2, double eps, double weight_decay, double beta3, double mix_alpha,
+                     int64_t t_alpha, int64_t t_beta3, const std::vector<std::optional<at::Tensor>>& half_out,
+                     const at::Tensor& ptrs, const at::Tensor& chunks, const std::optional<at::Tensor>& lr_tensor) {
+  const stratopt::UpdateHyper shared{beta2, eps, weight_decay, beta3, mix_alpha, t_alpha, t_beta3};
+  const checks::CheckedTensors c = checks::check_update(params, grads, exp_avgs, exp_avg_sqs, exp_avg_slows, steps,
+                                                        frags, finite, clip_coef, alpha, beta1_layer, half_out,
+                                                        shared.has_m2());
+  if (params.empty()) return;
+  const c10::Device dev = c.device;
+  check_on_device(dev);
+  check_table(ptrs, "ptrs", stratopt_cuda::kPtrCols, static_cast<int64_t>(params.size()), dev);
+  check_table(chunks, "chunks", 4, -1, dev);
+  stratopt_cuda::Hyper h{shared, lr, beta1};
   if (lr_tensor.has_value() && lr_tensor->defined()) {
-    check_dev(*lr_tensor, "lr_tensor", at::kDouble, dev);
-    TORCH_CHECK(lr_tensor->numel() == 1, "stratopt cuda op: lr_tensor must hold one value");
+    TORCH_CHECK(lr_tensor->numel() == 1 && lr_tensor->scalar_type() == at::kDouble && lr_tensor->device() == dev,
+                "stratopt op: lr_tensor must be one float64 value on ", dev, ", got ", lr_tensor->scalar_type(),
+                " with ", lr_tensor->numel(), " element(s) on ", lr_tensor->device());
     h.lr_device = lr_tensor->data_ptr<double>();
   }
-  const cudaError_t err = stratopt_cuda::update(
-      ptrs.data_ptr<int64_t>(), static_cast<int>(grad_dtype), chunks.data_ptr<int64_t>(), chunks.size(0),
-      finite.data_ptr<bool>(), clip_coef.data_ptr<double>(), alpha.data_ptr<double>(), b1, h,
-      c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == cudaSuccess, "stratopt cuda op: update launch failed: ", cudaGetErrorString(err));
+  c10::cuda::CUDAGuard guard(dev);
+  const int64_t n_chunks = chunks.size(0);
+  at::Tensor scalars = at::empty({std::max<int64_t>(n_chunks, 1) * static_cast<int64_t>(sizeof(stratopt::FragScalars))},
+                                 at::TensorOptions().device(dev).dtype(at::kByte));
+  stratopt_cuda::update(ptrs.data_ptr<int64_t>(), chunks.data_ptr<int64_t>(), n_chunks, finite.data_ptr<bool>(),
+                        clip_coef.data_ptr<double>(), alpha.data_ptr<double>(),
+                        beta1_layer.has_value() && beta1_layer->defined() ? beta1_layer->data_ptr<double>() : nullptr,
+                        h, reinterpret_cast<stratopt::FragScalars*>(scalars.data_ptr()),
+                        c10::cuda::getCurrentCUDAStream(dev.index()).stream());
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "StratOpt native CUDA kernels (multi-tensor / flat-with-segments)";
+  m.attr("KIND") = "cuda";  // the dispatcher calls an op by its kind (the emulation runs it on CPU tensors)
   m.attr("CHUNK") = stratopt_cuda::kChunk;
-  m.def("sumsq", &sumsq, py::arg("ptrs"), py::arg("grad_dtype"), py::arg("chunks"),
-        py::arg("layer_ptr"), py::arg("layer_chunks"), py::arg("num_layers"));
-  m.def("update", &update, py::arg("ptrs"), py::arg("grad_dtype"), py::arg("chunks"), py::arg("finite"),
+  m.attr("PTR_COLS") = static_cast<int64_t>(stratopt_cuda::kPtrCols);
+  m.def("fragment_sumsq", &fragment_sumsq, py::arg("grads"), py::arg("frags"), py::arg("num_layers"), py::arg("ptrs"),
+        py::arg("chunks"), py::arg("layer_ptr"), py::arg("layer_chunks"));
+  m.def("fragment_update", &fragment_update, py::arg("params"), py::arg("grads"), py::arg("exp_avgs"),
+        py::arg("exp_avg_sqs"), py::arg("exp_avg_slows"), py::arg("steps"), py::arg("frags"), py::arg("finite"),
         py::arg("clip_coef"), py::arg("alpha"), py::arg("beta1_layer"), py::arg("lr"), py::arg("beta1"),
         py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("beta3"), py::arg("mix_alpha"),
-        py::arg("t_alpha"), py::arg("t_beta3"), py::arg("out_type"),
+        py::arg("t_alpha"), py::arg("t_beta3"), py::arg("half_out"), py::arg("ptrs"), py::arg("chunks"),
         py::arg("lr_tensor") = py::none());
 }

@@ -31,9 +31,9 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 CSRC = PACKAGE_DIR / "csrc" if (PACKAGE_DIR / "csrc").is_dir() else PACKAGE_DIR.parents[1] / "csrc"
 
 CPU_SOURCES = ["cpu/stratopt_cpu.cpp"]
-CPU_DEPENDS = ["cpu/stratopt_cpu_kernels.inc", "common/update_scalars.h"]
+CPU_DEPENDS = ["cpu/stratopt_cpu_kernels.inc", "common/update_scalars.h", "common/op_checks.h"]
 CUDA_SOURCES = ["cuda/stratopt_cuda_binding.cpp", "cuda/stratopt_cuda.cu"]
-CUDA_DEPENDS = ["cuda/stratopt_cuda.h", "common/update_scalars.h"]
+CUDA_DEPENDS = ["cuda/stratopt_cuda.h", "common/update_scalars.h", "common/op_checks.h"]
 
 # -ffp-contract=off: no variant may fuse a multiply and an add where the reference rounds twice.
 CPU_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]

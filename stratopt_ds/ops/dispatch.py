@@ -12,10 +12,12 @@ the environment (a context manager, for tests and benchmarks).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import threading
 import warnings
-from typing import Iterator, Optional, Sequence, Union
+from collections import OrderedDict
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -86,52 +88,90 @@ def native_module(device: torch.device, supported: bool = True):
     return module
 
 
-# Tables keyed by fragment rows (few, stable) and CUDA pointer tables keyed by addresses (new
-# ones whenever a buffer is reallocated): separate, so that a stream of new addresses never
-# evicts the row tables, which are rebuilt in Python.
-_cache: dict[tuple, object] = {}
-_ptr_cache: dict[tuple, object] = {}
+class TableCache:
+    """Tables the native ops read, by key: host fragment rows, and the CUDA kernels' device
+    tables (chunk rows and per-layer chunk lists keyed by fragment rows; pointer tables keyed
+    by tensor addresses, new ones whenever a buffer is reallocated).
+
+    Graph-safe: a captured CUDA graph replays its kernels with the table addresses it saw, so a
+    table looked up while a graph is being captured is pinned, never evicted or freed (a few
+    hundred bytes per table). The others are evicted least recently used beyond ``limit``. A
+    table cannot be built during a capture (its host-to-device copy would be captured too, reading
+    a host buffer at every replay), so a miss there is an error that says what to do.
+    """
+
+    def __init__(self, what: str, limit: int = 1024):
+        self.what, self.limit = what, limit
+        self._entries: OrderedDict[tuple, object] = OrderedDict()
+        self._pinned: set[tuple] = set()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple, build: Callable[[], object], device: torch.device):
+        capturing = _capturing(device)
+        with self._lock:
+            value = self._entries.get(key)
+            if value is not None:
+                self._entries.move_to_end(key)
+                if capturing:
+                    self._pinned.add(key)
+                return value
+        if capturing:
+            raise RuntimeError(
+                f"stratopt_ds: the fused optimizer step met {self.what} it has no table for while a CUDA graph "
+                f"is being captured on {device}. Tables are built by an eager step: run one optimizer step "
+                "with the same tensors before capturing, and keep them allocated between steps (e.g. "
+                "zero_grad(set_to_none=False), so the gradients keep their addresses).")
+        value = build()
+        with self._lock:
+            self._entries[key] = value
+            while len(self._entries) - len(self._pinned) > self.limit:
+                oldest = next(k for k in self._entries if k not in self._pinned)
+                del self._entries[oldest]
+        return value
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def pinned(self) -> int:
+        return len(self._pinned)
 
 
-def _cached(key: tuple, build, cache: dict = _cache):
-    value = cache.get(key)
-    if value is None:
-        if len(cache) > 512:
-            cache.clear()
-        value = cache[key] = build()
-    return value
+_host_tables = TableCache("fragment rows")
+_row_tables = TableCache("fragment rows")
+_ptr_tables = TableCache("tensors (new addresses)")
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether the current stream of ``device`` is capturing a CUDA graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _to_device(rows, device: torch.device) -> torch.Tensor:
     host = torch.tensor(rows, dtype=torch.int64)
-    if device.type != "cuda":  # the tables are built on CPU too, for tests
+    if device.type != "cuda":  # CPU tensors: the emulated CUDA op, and tests of the tables
         return host
     return host.pin_memory().to(device, non_blocking=True)
 
 
-def frag_table(frags: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
-    """Rows (tensor, start, length, layer) as a cached int64 (F, 4) tensor on ``device``."""
-    rows = reference.as_rows(frags)
-    return _cached(("table", str(device), rows),
-                   lambda: torch.tensor(rows, dtype=torch.int64).reshape(-1, 4).to(device))
-
-
-def _uniform_grad_type(grads: Sequence[torch.Tensor]) -> Optional[int]:
-    """The dtype code of gradients of one dtype; None (use the reference) for mixed dtypes."""
-    dtypes = {g.dtype for g in grads}
-    return DTYPE_CODES[dtypes.pop()] if len(dtypes) == 1 else None
+def host_frags(rows: tuple) -> torch.Tensor:
+    """Fragment rows (tensor, start, length, layer) as a cached int64 (F, 4) CPU tensor: what
+    both ops check the tensors against (and what the CPU op walks)."""
+    return _host_tables.get(("host", rows), lambda: torch.tensor(rows, dtype=torch.int64).reshape(-1, 4),
+                            torch.device("cpu"))
 
 
 def _cuda_chunks(frags: Sequence[Sequence[int]], num_layers: int, chunk: int, device: torch.device):
     """Fragments cut into chunks of <= ``chunk`` elements (one CUDA block each), and the per-layer
-    chunk lists (CSR, chunks in table order) of the deterministic finalize; built once, cached."""
+    chunk lists (CSR, chunks in table order) of the deterministic finalize; built once, cached.
+    Rows are not checked here (the op checks them against the tensors)."""
     rows = reference.as_rows(frags)
 
     def build():
         chunks, per_layer = [], [[] for _ in range(num_layers)]
         for tensor, start, length, layer in rows:
             for off in range(0, length, chunk):
-                per_layer[layer].append(len(chunks))
+                if 0 <= layer < num_layers:
+                    per_layer[layer].append(len(chunks))
                 chunks.append((tensor, start + off, min(chunk, length - off), layer))
         layer_ptr = [0]
         for ids in per_layer:
@@ -140,25 +180,27 @@ def _cuda_chunks(frags: Sequence[Sequence[int]], num_layers: int, chunk: int, de
         return (_to_device(chunks or [[0, 0, 0, 0]], device)[: len(chunks)],
                 _to_device(layer_ptr, device), _to_device(flat_ids, device))
 
-    return _cached(("chunks", str(device), num_layers, chunk, rows), build)
+    return _row_tables.get(("chunks", str(device), num_layers, chunk, rows), build, device)
 
 
-def _cuda_ptrs(rows: tuple, device: torch.device, tensors: Optional[dict] = None) -> torch.Tensor:
-    """The (n, 7) device pointer table of tuple ``rows``; cached by the addresses, so
-    steady-state steps (and CUDA-graph capture after a warm-up step) make no host-to-device copy.
+def _addr(x: Optional[torch.Tensor]) -> int:
+    return 0 if x is None else x.data_ptr()
 
-    The kernel walks every tensor as flat memory from its address, so a strided tensor would
-    pair the wrong elements: ``tensors`` (name -> list, None entries allowed) are checked when a
-    table is built, i.e. once per set of addresses, off the steady-state path."""
-    def build():
-        for name, items in (tensors or {}).items():
-            for i, x in enumerate(items):
-                if x is not None and not x.is_contiguous():
-                    raise ValueError(f"{name}[{i}] is not contiguous (shape {tuple(x.shape)}, strides "
-                                     f"{x.stride()}): the fused update needs contiguous tensors")
-        return _to_device(rows, device)
 
-    return _cached((str(device), rows), build, _ptr_cache)
+def _cuda_ptrs(rows: tuple, device: torch.device) -> torch.Tensor:
+    """The (n, PTR_COLS) device pointer table of ``rows``; cached by the addresses, so steady
+    steps (and a CUDA-graph capture after a warm-up step) make no host-to-device copy."""
+    return _ptr_tables.get((str(device), rows), lambda: _to_device(rows, device), device)
+
+
+def _ptr_rows(params, grads, exp_avgs, exp_avg_sqs, slows, outs, steps) -> tuple:
+    """Rows (param, grad, m1, v, m2, copy, step, grad dtype, copy dtype) of the CUDA kernels.
+    zip_longest: lists of different lengths reach the op, whose check names them."""
+    return tuple((_addr(p), _addr(g), _addr(m), _addr(v), _addr(m2), _addr(o), _addr(st),
+                  DTYPE_CODES.get(getattr(g, "dtype", None), -1),
+                  DTYPE_CODES.get(o.dtype, -1) if o is not None else 0)
+                 for p, g, m, v, m2, o, st in itertools.zip_longest(params, grads, exp_avgs, exp_avg_sqs,
+                                                                     slows, outs, steps))
 
 
 def fragment_sumsq(grads: Sequence[torch.Tensor], frags: Sequence[Sequence[int]], num_layers: int,
@@ -175,14 +217,12 @@ def fragment_sumsq(grads: Sequence[torch.Tensor], frags: Sequence[Sequence[int]]
     if module is None:
         return reference.fragment_sumsq(grads, rows, num_layers, device)
     flats = [g.contiguous() for g in grads]  # the kernels read flat memory; copies only strided ones
-    if at.type == "cpu":
-        return module.fragment_sumsq(flats, frag_table(rows, at), num_layers).to(device)
-    gtype = _uniform_grad_type(flats)
-    if gtype is None:
-        return reference.fragment_sumsq(grads, rows, num_layers, device)
+    if module.KIND == "cpu":
+        return module.fragment_sumsq(flats, host_frags(rows), num_layers).to(device)
     chunks, layer_ptr, layer_chunks = _cuda_chunks(rows, num_layers, module.CHUNK, at)
-    ptrs = _cuda_ptrs(tuple((0, g.data_ptr(), 0, 0, 0, 0, 0) for g in flats), at)
-    return module.sumsq(ptrs, gtype, chunks, layer_ptr, layer_chunks, num_layers).to(device)
+    ptrs = _cuda_ptrs(_ptr_rows([None] * len(flats), flats, [], [], [], [], []), at)
+    return module.fragment_sumsq(flats, host_frags(rows), num_layers, ptrs, chunks, layer_ptr,
+                                 layer_chunks).to(device)
 
 
 def fragment_update(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
@@ -195,6 +235,11 @@ def fragment_update(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor
                     mix_alpha: float, t_alpha: int, t_beta3: int,
                     half_out: Optional[Sequence[Optional[torch.Tensor]]] = None) -> None:
     """The fused update (arguments: :func:`stratopt_ds.ops.reference.fragment_update`).
+
+    Both native ops check the same things with the same messages (``csrc/common/op_checks.h``):
+    one device, contiguous tensors, float32 params and states, float64 one-element step counters,
+    float64 per-layer vectors, host fragment rows inside the tensors. A ``half_out`` entry may be
+    None (that tensor has no 16-bit copy) and the gradients may mix dtypes.
 
     ``lr`` may be a 0-dim tensor. The CUDA kernel then reads it from device memory, so a
     captured CUDA graph uses the value a scheduler last wrote into it; keep such a tensor on the
@@ -217,33 +262,22 @@ def fragment_update(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor
                  and all(g.device == at and g.dtype in DTYPE_CODES for g in grads)
                  and all(o is None or o.dtype in HALF_DTYPES for o in outs))
     module = native_module(at, supported)
-    if module is not None and at.type == "cpu":
+    if module is None:
+        reference.fragment_update(params, grads, exp_avgs, exp_avg_sqs, exp_avg_slows, steps, rows,
+                                  finite, clip_coef, alpha, beta1_layer, half_out=half_out, **kw)
+        return
+    small = lambda x: None if x is None else x.to(at)  # noqa: E731  (no copy when already there)
+    flats = [g.contiguous() for g in grads]
+    args = (params, flats, list(exp_avgs), list(exp_avg_sqs), slows if exp_avg_slows is not None else [],
+            list(steps), host_frags(rows), small(finite), small(clip_coef), small(alpha), small(beta1_layer))
+    if module.KIND == "cpu":
         if lr_tensor is not None:
             kw["lr"] = float(lr_tensor)  # the CPU kernel takes a host scalar
-        small = lambda x: None if x is None else x.to(at)  # noqa: E731  (no copy when already there)
-        module.fragment_update(
-            params, [g.contiguous() for g in grads], list(exp_avgs), list(exp_avg_sqs),
-            slows if exp_avg_slows is not None else [], list(steps), frag_table(rows, at),
-            small(finite), small(clip_coef), small(alpha), small(beta1_layer), half_out=outs, **kw)
+        module.fragment_update(*args, half_out=outs, **kw)
         return
-    if module is not None:  # CUDA: one kernel per call, so one gradient dtype and one copy dtype
-        flats = [g.contiguous() for g in grads]
-        gtype = _uniform_grad_type(flats)
-        out_codes = {DTYPE_CODES[o.dtype] for o in outs if o is not None}
-        if gtype is not None and len(out_codes) <= 1:
-            ptrs = tuple((p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(),
-                          m2.data_ptr() if m2 is not None else 0, o.data_ptr() if o is not None else 0,
-                          st.data_ptr())
-                         for p, g, m, v, m2, o, st in zip(params, flats, exp_avgs, exp_avg_sqs, slows,
-                                                          outs, steps))
-            chunks, _, _ = _cuda_chunks(rows, clip_coef.numel(), module.CHUNK, at)
-            if lr_tensor is not None:  # read in the kernel: no host sync, graph-replayable
-                kw["lr"] = 0.0
-                lr_tensor = lr_tensor.to(device=at, dtype=torch.float64).reshape(1)
-            states = dict(params=params, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
-                          exp_avg_slows=slows, half_out=outs)
-            module.update(_cuda_ptrs(ptrs, at, states), gtype, chunks, finite, clip_coef, alpha, beta1_layer,
-                          out_type=out_codes.pop() if out_codes else 0, lr_tensor=lr_tensor, **kw)
-            return
-    reference.fragment_update(params, grads, exp_avgs, exp_avg_sqs, exp_avg_slows, steps, rows,
-                              finite, clip_coef, alpha, beta1_layer, half_out=half_out, **kw)
+    ptrs = _cuda_ptrs(_ptr_rows(params, flats, args[2], args[3], slows, outs, args[5]), at)
+    chunks, _, _ = _cuda_chunks(rows, clip_coef.numel(), module.CHUNK, at)
+    if lr_tensor is not None:  # read in the kernel: no host sync, graph-replayable
+        kw["lr"] = 0.0
+        lr_tensor = lr_tensor.to(device=at, dtype=torch.float64).reshape(1)
+    module.fragment_update(*args, half_out=outs, ptrs=ptrs, chunks=chunks, lr_tensor=lr_tensor, **kw)

@@ -37,12 +37,32 @@ def as_rows(frags) -> tuple[tuple[int, int, int, int], ...]:
     return tuple(tuple(int(x) for x in r) for r in frags)
 
 
+def segment_sum(values: torch.Tensor, segments: Sequence[int], num_segments: int) -> torch.Tensor:
+    """``out[s] = sum of values[i] with segments[i] == s``, deterministically.
+
+    Not ``index_add_``: on CUDA it adds float64 with atomics, in an order that changes from run
+    to run (spec section 9 asks for bitwise reproducible steps). The values of each segment are
+    gathered into a zero-padded row of a (num_segments, most per segment) matrix and the rows
+    summed: a fixed order on every device."""
+    per: list[list[int]] = [[] for _ in range(num_segments)]
+    for i, s in enumerate(segments):
+        per[s].append(i)
+    width = max((len(ids) for ids in per), default=0)
+    out_shape = (num_segments,)
+    if width == 0:
+        return values.new_zeros(out_shape)
+    pad = len(segments)  # the index of the appended zero
+    index = torch.tensor([ids + [pad] * (width - len(ids)) for ids in per], dtype=torch.long)
+    padded = torch.cat([values, values.new_zeros(1)])
+    return padded[index.to(values.device)].sum(dim=1)
+
+
 def fragment_sumsq(grads: Sequence[torch.Tensor], frags: FragRows, num_layers: int,
                    device: Optional[torch.device] = None) -> torch.Tensor:
     """Per-layer sums of squares of the fragments, as a float64 vector of length ``num_layers``.
 
-    Each fragment is summed in float64; fragment sums are added per layer with ``index_add_``.
-    Layers without a fragment stay 0.
+    Each fragment is summed in float64; fragment sums are added per layer by
+    :func:`segment_sum` (deterministic). Layers without a fragment stay 0.
     """
     if device is None:
         device = grads[0].device if len(grads) else torch.device("cpu")
@@ -52,11 +72,9 @@ def fragment_sumsq(grads: Sequence[torch.Tensor], frags: FragRows, num_layers: i
         piece = flats[tensor].narrow(0, start, length).to(torch.float64)
         sums.append(torch.dot(piece, piece))
         ids.append(layer)
-    layer_sq = torch.zeros(num_layers, dtype=torch.float64, device=device)
-    if sums:
-        index = torch.tensor(ids, dtype=torch.long, device=device)
-        layer_sq.index_add_(0, index, torch.stack(sums).to(device))
-    return layer_sq
+    if not sums:
+        return torch.zeros(num_layers, dtype=torch.float64, device=device)
+    return segment_sum(torch.stack(sums), ids, num_layers).to(device)
 
 
 def fragment_update(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],

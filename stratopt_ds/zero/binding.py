@@ -20,7 +20,8 @@ from typing import Optional
 import torch
 
 from ..layer_map import LayerMap
-from .partition_map import (Slot, UnsupportedZeroSetting, bf16_optimizer_slots, pieces_layer_sq,
+from ..ops import fragment_sumsq
+from .partition_map import (Slot, UnsupportedZeroSetting, bf16_optimizer_slots, pending_rows,
                             stage12_slots, stage3_slots)
 from .reduction import LayerSqAllReduce
 
@@ -114,13 +115,18 @@ class ZeroBinding:
         waiting = [s for s in self.slots if id(s.flat) not in current_ids]
         if not waiting:
             return
-        inv_sq = 1.0 / self._combined_scale(layer_sq.device) ** 2
+        pieces, rows = [], []
         for slot in waiting:
-            pieces = slot.pending_grad()
-            if pieces is None:
+            mine = slot.pending_grad()
+            if mine is None:
                 raise UnsupportedZeroSetting(f"DeepSpeed holds no pending gradient for a {self.kind} "
                                              "group: unsupported gradient layout")
-            pieces_layer_sq(pieces, slot.fragments, layer_sq, scale=inv_sq)
+            mine = [piece.reshape(-1) for piece in mine]
+            rows += pending_rows(mine, slot.fragments, first_piece=len(pieces))
+            pieces += mine
+        # the op's own per-layer sum of squares (native, deterministic), in one call for all slots
+        waiting_sq = fragment_sumsq(pieces, rows, layer_sq.numel(), layer_sq.device)
+        layer_sq.add_(waiting_sq / self._combined_scale(layer_sq.device) ** 2)
 
     def _combined_scale(self, device) -> torch.Tensor:
         w = self.wrapper

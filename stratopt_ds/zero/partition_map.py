@@ -132,28 +132,24 @@ def bf16_optimizer_slots(bo, layer_of) -> list[Slot]:
     return slots
 
 
-def pieces_layer_sq(pieces: Sequence[torch.Tensor], frags: Sequence[Fragment],
-                    out: torch.Tensor, scale: Optional[torch.Tensor] = None) -> None:
-    """Add the sums of squares of ``frags`` read from ``pieces`` (whose concatenation is the
-    flat layout) into ``out[layer]``, times ``scale`` if given."""
+def pending_rows(pieces: Sequence[torch.Tensor], frags: Sequence[Fragment],
+                 first_piece: int = 0) -> list[tuple[int, int, int, int]]:
+    """Fragment rows ``(piece index, start, length, layer)`` of ``frags`` (offsets in the flat
+    layout) read from ``pieces``, whose concatenation is that layout: a fragment that spans
+    pieces becomes one row per piece. Piece indices start at ``first_piece``, so the rows of
+    several slots can go to the op in one call."""
     bounds, cursor = [], 0
     for piece in pieces:
-        bounds.append((cursor, cursor + piece.numel(), piece.reshape(-1)))
+        bounds.append((cursor, cursor + piece.numel()))
         cursor += piece.numel()
-    sums, ids = [], []
+    rows = []
     for frag in frags:
         lo, hi = frag.start, frag.start + frag.length
-        for start, end, piece in bounds:
-            a, b = max(lo, start), min(hi, end)
-            if b > a:
-                x = piece.narrow(0, a - start, b - a).to(torch.float64)
-                sums.append(torch.dot(x, x))
-                ids.append(frag.layer)
         if hi > cursor:
             raise UnsupportedZeroSetting(f"DeepSpeed's pending gradient has {cursor} elements but the "
                                          f"layer map needs {hi}: unsupported gradient layout")
-    if sums:
-        total = torch.stack(sums).to(out.device)
-        if scale is not None:
-            total = total * scale.to(out.device, torch.float64)
-        out.index_add_(0, torch.tensor(ids, device=out.device), total)
+        for k, (start, end) in enumerate(bounds):
+            a, b = max(lo, start), min(hi, end)
+            if b > a:
+                rows.append((first_piece + k, a - start, b - a, frag.layer))
+    return rows

@@ -1,0 +1,3 @@
+// Stand-in: see cuda_runtime.h.
+#pragma once
+#include <cuda_runtime.h>
