@@ -30,3 +30,15 @@ def no_leaked_deepspeed_shm():
     yield
     leaked = sorted(_cpu_comm_buffers() - before)
     assert not leaked, f"DeepSpeed shared-memory buffers left in /dev/shm: {leaked}"
+
+
+@pytest.fixture(scope="session")
+def cpu_op():
+    """The native CPU op (JIT-built once per source hash); a test that needs it fails, never
+    skips, when it does not build."""
+    from stratopt_ds.ops import builder
+
+    module = builder.load("cpu")
+    if module is None:
+        pytest.fail(f"the native CPU op did not build: {builder.why_unavailable('cpu')}")
+    return module

@@ -79,14 +79,6 @@ class Target:
     active: Callable[[], contextlib.AbstractContextManager]
 
 
-@pytest.fixture(scope="session")
-def cpu_op():
-    module = builder.load("cpu")
-    if module is None:
-        pytest.fail(f"the native CPU op did not build: {builder.why_unavailable('cpu')}")
-    return module
-
-
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 

@@ -29,14 +29,6 @@ HP = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, beta3=0.9
           mix_alpha=0.0, t_alpha=0, t_beta3=0)
 
 
-@pytest.fixture(scope="module")
-def cpu_op():
-    module = builder.load("cpu")
-    if module is None:
-        pytest.fail(f"the native CPU op did not build: {builder.why_unavailable('cpu')}")
-    return module
-
-
 @pytest.fixture(params=["native", "reference"])
 def backend(request, cpu_op):
     with use_backend(request.param):

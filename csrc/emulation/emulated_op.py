@@ -283,12 +283,12 @@ def rewrite_source(source: str) -> str:
 # ---- Cached builds -------------------------------------------------------------------------------
 
 def cache_root() -> Path:
-    """The project's extension cache (the rule of stratopt_ds/ops/builder.py cache_dir())."""
-    if os.environ.get("STRATOPT_OPS_CACHE"):
-        return Path(os.environ["STRATOPT_OPS_CACHE"])
-    if os.environ.get("TORCH_EXTENSIONS_DIR"):
-        return Path(os.environ["TORCH_EXTENSIONS_DIR"]) / "stratopt_ds"
-    return Path.home() / ".cache" / "stratopt_ds" / "torch_extensions"
+    """The project's extension cache: where the JIT op builds go (stratopt_ds.ops.builder)."""
+    if str(CSRC.parent) not in sys.path:  # run from a checkout without the package installed
+        sys.path.insert(0, str(CSRC.parent))
+    from stratopt_ds.ops.builder import cache_dir
+
+    return cache_dir()
 
 
 def _headers(directory: Path, recursive: bool = False) -> list[Path]:
