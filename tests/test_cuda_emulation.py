@@ -307,7 +307,7 @@ def test_sums_of_squares_match_fp64_and_are_stable(cuda, grad_dtype):
         second = dispatch.fragment_sumsq(on_device, frags, layers)
     assert same(first, second), "reruns must give the same bits"
     rel = ((first.cpu() - want).abs() / want.clamp_min(1e-300))[:4]
-    assert float(rel.max()) <= 1e-7, rel.tolist()
+    assert float(rel.max()) <= 1e-12, rel.tolist()  # fp64 accumulation (the issue asks 1e-7)
     assert float(first[4]) == 0.0
 
 

@@ -222,58 +222,57 @@ __global__ void __launch_bounds__(kThreads, kUpdateBlocksPerSM) update_kernel(co
 
 // ---- sums of squares -------------------------------------------------------------------------
 
-// This thread's fp32 sum of squares of its elements of one chunk: element head+4j..head+4j+3 for
+// acc + x^2 in float64: a float's square is exact in a double, so each step rounds once.
+__device__ __forceinline__ double add_sq(double acc, float f) {
+  const double d = static_cast<double>(f);
+  return __fma_rn(d, d, acc);
+}
+
+// This thread's fp64 sum of squares of its elements of one chunk: element head+4j..head+4j+3 for
 // j = threadIdx.x + k*blockDim.x, its head element and its tail elements. The assignment of
-// elements to threads is fixed, so the result is deterministic.
+// elements to threads is fixed, so the result is deterministic. Float64 throughout: an fp32
+// accumulator drifts past 1e-7 relative on long bf16 fragments, and the pass is bound by memory,
+// not by the FMAs.
 template <typename G>
-__device__ float chunk_sumsq(const G* g, int64_t n) {
-  float acc = 0.0f;
+__device__ double chunk_sumsq(const G* g, int64_t n) {
+  double acc = 0.0;
   const int64_t head = head_to(g, 4 * sizeof(G)) < n ? head_to(g, 4 * sizeof(G)) : n;
-  if (threadIdx.x < head) {
-    const float f = load_grad(g, threadIdx.x);
-    acc = __fmaf_rn(f, f, acc);
-  }
+  if (threadIdx.x < head) acc = add_sq(acc, load_grad(g, threadIdx.x));
   const int64_t n4 = (n - head) / 4;
   for (int64_t j = threadIdx.x; j < n4; j += blockDim.x) {
     const Vec4<G> x = load_grad4(g + head, j);
-    for (int k = 0; k < 4; ++k) {
-      const float f = to_f(x.x[k]);
-      acc = __fmaf_rn(f, f, acc);
-    }
+    for (int k = 0; k < 4; ++k) acc = add_sq(acc, to_f(x.x[k]));
   }
-  for (int64_t i = head + 4 * n4 + threadIdx.x; i < n; i += blockDim.x) {
-    const float f = load_grad(g, i);
-    acc = __fmaf_rn(f, f, acc);
-  }
+  for (int64_t i = head + 4 * n4 + threadIdx.x; i < n; i += blockDim.x) acc = add_sq(acc, load_grad(g, i));
   return acc;
 }
 
-// Stage 1: one fp32 partial per chunk: per-thread sums, a fixed warp tree, warps in order.
+// Stage 1: one fp64 partial per chunk: per-thread sums, a fixed warp tree, warps in order.
 __global__ void __launch_bounds__(kThreads) sumsq_partial_kernel(const int64_t* __restrict__ ptrs,
                                                                  const int64_t* __restrict__ chunks,
-                                                                 float* __restrict__ partial) {
+                                                                 double* __restrict__ partial) {
   const int64_t* row = chunks + 4 * static_cast<int64_t>(blockIdx.x);
   const int64_t tensor = __ldg(row), begin = __ldg(row + 1), n = __ldg(row + 2);
   const int64_t* tp = ptrs + kPtrCols * tensor;
   const int gtype = static_cast<int>(__ldg(tp + kGradType));
   const char* base = reinterpret_cast<const char*>(__ldg(tp + kGrad));
-  float acc;
+  double acc;
   if (gtype == 0) acc = chunk_sumsq(reinterpret_cast<const float*>(base) + begin, n);
   else if (gtype == 1) acc = chunk_sumsq(reinterpret_cast<const __nv_bfloat16*>(base) + begin, n);
   else acc = chunk_sumsq(reinterpret_cast<const __half*>(base) + begin, n);
-  for (int off = 16; off > 0; off >>= 1) acc = __fadd_rn(acc, __shfl_down_sync(0xffffffffu, acc, off));
-  __shared__ float warp_sums[kThreads / 32];
+  for (int off = 16; off > 0; off >>= 1) acc = __dadd_rn(acc, __shfl_down_sync(0xffffffffu, acc, off));
+  __shared__ double warp_sums[kThreads / 32];
   if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = acc;
   __syncthreads();
   if (threadIdx.x == 0) {
-    float total = 0.0f;
-    for (int w = 0; w < kThreads / 32; ++w) total = __fadd_rn(total, warp_sums[w]);
+    double total = 0.0;
+    for (int w = 0; w < kThreads / 32; ++w) total = __dadd_rn(total, warp_sums[w]);
     partial[blockIdx.x] = total;
   }
 }
 
 // Stage 2: one warp per layer; lane k adds chunks k, k+32, ... in fp64, then a fixed tree.
-__global__ void sumsq_finalize_kernel(const float* __restrict__ partial, const int64_t* __restrict__ layer_ptr,
+__global__ void sumsq_finalize_kernel(const double* __restrict__ partial, const int64_t* __restrict__ layer_ptr,
                                       const int64_t* __restrict__ layer_chunks, int64_t num_layers,
                                       double* __restrict__ out) {
   const int64_t layer = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + (threadIdx.x >> 5);
@@ -281,7 +280,7 @@ __global__ void sumsq_finalize_kernel(const float* __restrict__ partial, const i
   if (layer >= num_layers) return;  // whole warps exit together
   double acc = 0.0;
   for (int64_t k = __ldg(layer_ptr + layer) + lane; k < __ldg(layer_ptr + layer + 1); k += 32)
-    acc += static_cast<double>(partial[__ldg(layer_chunks + k)]);
+    acc += __ldg(partial + __ldg(layer_chunks + k));
   for (int off = 16; off > 0; off >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, off);
   if (lane == 0) out[layer] = acc;
 }
@@ -289,7 +288,7 @@ __global__ void sumsq_finalize_kernel(const float* __restrict__ partial, const i
 }  // namespace
 
 void sumsq(const int64_t* ptrs, const int64_t* chunks, int64_t num_chunks, const int64_t* layer_ptr,
-           const int64_t* layer_chunks, int64_t num_layers, float* partial, double* out, cudaStream_t stream) {
+           const int64_t* layer_chunks, int64_t num_layers, double* partial, double* out, cudaStream_t stream) {
   if (num_layers <= 0) return;
   if (num_chunks > 0) {
     sumsq_partial_kernel<<<static_cast<unsigned>(num_chunks), kThreads, 0, stream>>>(ptrs, chunks, partial);

@@ -34,11 +34,12 @@ struct Hyper {
 
 // Launch errors throw (C10_CUDA_KERNEL_LAUNCH_CHECK).
 //
-// Sums of squares: stage 1 writes one fp32 partial per chunk; stage 2 (one warp per layer) adds
-// the partials of layer l, listed in layer_chunks[layer_ptr[l] .. layer_ptr[l+1]), in fp64 in a
-// fixed order. No atomics: reruns are bitwise identical. partial: num_chunks floats.
+// Sums of squares, in float64 throughout: stage 1 writes one partial per chunk; stage 2 (one
+// warp per layer) adds the partials of layer l, listed in layer_chunks[layer_ptr[l] ..
+// layer_ptr[l+1]), in a fixed order. No atomics: reruns are bitwise identical. partial:
+// num_chunks doubles of scratch.
 void sumsq(const int64_t* ptrs, const int64_t* chunks, int64_t num_chunks, const int64_t* layer_ptr,
-           const int64_t* layer_chunks, int64_t num_layers, float* partial, double* out, cudaStream_t stream);
+           const int64_t* layer_chunks, int64_t num_layers, double* partial, double* out, cudaStream_t stream);
 
 // The fused update. finite (bool), the per-tensor step counters (via ptrs), clip_coef, alpha and
 // beta1_layer (nullable: hyper.beta1 for every layer) are read from device memory: no host

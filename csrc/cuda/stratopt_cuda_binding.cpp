@@ -61,10 +61,10 @@ at::Tensor fragment_sumsq(const std::vector<at::Tensor>& grads, const at::Tensor
   c10::cuda::CUDAGuard guard(dev);
   const int64_t n_chunks = chunks.size(0);
   const at::TensorOptions on_dev = at::TensorOptions().device(dev);
-  at::Tensor partial = at::empty({std::max<int64_t>(n_chunks, 1)}, on_dev.dtype(at::kFloat));
+  at::Tensor partial = at::empty({std::max<int64_t>(n_chunks, 1)}, on_dev.dtype(at::kDouble));
   at::Tensor out = at::empty({num_layers}, on_dev.dtype(at::kDouble));
   stratopt_cuda::sumsq(ptrs.data_ptr<int64_t>(), chunks.data_ptr<int64_t>(), n_chunks, layer_ptr.data_ptr<int64_t>(),
-                       layer_chunks.data_ptr<int64_t>(), num_layers, partial.data_ptr<float>(),
+                       layer_chunks.data_ptr<int64_t>(), num_layers, partial.data_ptr<double>(),
                        out.data_ptr<double>(), c10::cuda::getCurrentCUDAStream(dev.index()).stream());
   return out;
 }

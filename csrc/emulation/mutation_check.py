@@ -24,8 +24,8 @@ KERNELS = ROOT / "csrc" / "cuda" / "stratopt_cuda.cu"
 # name -> (exact text in the kernel source, its replacement, what it breaks)
 MUTATIONS = {
     "warp-shuffle-offset": (
-        "acc = __fadd_rn(acc, __shfl_down_sync(0xffffffffu, acc, off));",
-        "acc = __fadd_rn(acc, __shfl_down_sync(0xffffffffu, acc, off == 16 ? 8 : off));",
+        "acc = __dadd_rn(acc, __shfl_down_sync(0xffffffffu, acc, off));",
+        "acc = __dadd_rn(acc, __shfl_down_sync(0xffffffffu, acc, off == 16 ? 8 : off));",
         "the warp tree of the per-chunk sum of squares skips lanes 16-31",
     ),
     "finalize-shuffle-offset": (
