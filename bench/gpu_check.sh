@@ -36,10 +36,10 @@ stage() {  # stage NAME LIMIT_S COMMAND...: run, log to $OUT/NAME.txt, record th
 : >"$OUT/summary.txt"
 { nvidia-smi; $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda,
   torch.cuda.get_device_name(), torch.cuda.get_device_properties(0))"; nvcc --version; } >"$OUT/env.txt" 2>&1
-stage build 240 $PY -m stratopt_ds.ops
-stage tests 150 $PY -m pytest -q -p no:cacheprovider -rs tests/test_cuda_emulation.py tests/test_ops.py \
+stage build 180 $PY -m stratopt_ds.ops
+stage tests 120 $PY -m pytest -q -p no:cacheprovider -rs tests/test_cuda_emulation.py tests/test_ops.py \
   -k "gpu or captured_bf16 or test_cuda_update_and_sumsq or test_cuda_graph_replay or test_cuda_sources"
-stage bench 200 $PY bench/optimizer_step.py --device cuda --presets 134m 1b --steps 10 --rounds 2 \
+stage bench 150 $PY bench/optimizer_step.py --device cuda --presets 134m 1b --steps 10 --rounds 2 \
   --kernels --graph
 tail -n 60 "$OUT/tests.txt" | grep -E "passed|failed|error" | tail -n 3 >>"$OUT/summary.txt"
 cat "$OUT/summary.txt"

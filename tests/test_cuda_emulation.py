@@ -147,7 +147,7 @@ def _tensor(n, dtype, offset, gen, scale=1.0, positive=False):
 
 def _problem(seed: int, grad_dtype, copies: str, mix: bool, depth: bool):
     gen = torch.Generator().manual_seed(seed)
-    off = lambda i: (i % 4) if i in (1, 3, 4) else 0  # noqa: E731  (views past an allocation)
+    off = lambda i: {1: 1, 3: 3, 4: 2}.get(i, 0)  # noqa: E731  (views past an allocation)
     n_t = len(SIZES)
     grad_dtypes = [grad_dtype] * n_t if grad_dtype != "mixed" else [MIXED[i % 3] for i in range(n_t)]
     st = dict(
@@ -170,8 +170,12 @@ def _problem(seed: int, grad_dtype, copies: str, mix: bool, depth: bool):
 
 
 def _to(obj, device):
+    """A copy on ``device`` that keeps each tensor's misalignment: the same storage offset
+    modulo 16 bytes, inside a larger allocation (a clone or .to() would align it)."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device) if obj.device != device else obj.clone()
+        off = obj.storage_offset() % (16 // obj.element_size()) if obj.dim() == 1 else 0
+        copy_ = torch.empty(obj.numel() + off, dtype=obj.dtype, device=device)[off:].view(obj.shape)
+        return copy_.copy_(obj)
     if isinstance(obj, list):
         return [_to(x, device) for x in obj]
     if isinstance(obj, dict):
@@ -210,6 +214,8 @@ def test_every_variant_is_bit_identical_to_the_cpu_op(cuda):
                 with on_cpu_op():
                     _update(want, layer, frags, _hyper(name))
                 got, glayer = _to(st, cuda.device), _to(layer, cuda.device)
+                assert [x.data_ptr() % 16 for x in got["params"]] == [x.data_ptr() % 16 for x in st["params"]]
+                assert got["exp_avgs"][2].data_ptr() % 16 != got["params"][2].data_ptr() % 16
                 with cuda.active():
                     _update(got, glayer, frags, _hyper(name))
                 _assert_states_equal(want, got, f"{name} grads={grad_dtype} copies={copies}")
@@ -525,12 +531,13 @@ def _capturing(monkeypatch, on: bool):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_tables_are_built_before_capture_and_pinned(emulated, fresh_tables, monkeypatch, dtype):
-    """After one eager step a captured step finds every table (a bf16 model too: its fp32 work
-    buffers keep their addresses); the tables it used are never evicted afterwards, however many
-    new ones come; a table missing during a capture is refused with what to do."""
+    """After one eager step a captured step finds every table (a bf16 model too: with
+    capturable=True its fp32 work buffers keep their addresses); the tables it used are never
+    evicted afterwards, however many new ones come; a table missing during a capture is refused
+    with what to do."""
     torch.manual_seed(0)
     model = TinyNet(dims=(33, 130, 67, 41)).to(dtype)
-    opt = stratopt_ds.create_optimizer("stratopt", model, lr=1e-2)
+    opt = stratopt_ds.create_optimizer("stratopt", model, lr=1e-2, capturable=True)
     with emulated.active():
         _dyadic_grads(model, 0)
         opt.step()                       # eager: builds the tables
@@ -555,6 +562,36 @@ def test_tables_are_built_before_capture_and_pinned(emulated, fresh_tables, monk
             opt.step()
 
 
+def test_a_16_bit_model_needs_capturable_for_a_graph(emulated, fresh_tables, monkeypatch):
+    """Without capturable, a bf16 model steps through a new p.float() each step: a capture
+    after an eager step meets new addresses and says to build the optimizer capturable."""
+    torch.manual_seed(0)
+    model = TinyNet(dims=(33, 130, 67, 41)).to(torch.bfloat16)
+    opt = stratopt_ds.create_optimizer("stratopt", model, lr=1e-2)
+    with emulated.active():
+        _dyadic_grads(model, 0)
+        opt.step()
+        _capturing(monkeypatch, True)
+        with pytest.raises(RuntimeError, match="capturable=True"):
+            opt.step()
+    with pytest.raises(ValueError, match="capturable='yes'"):
+        stratopt_ds.create_optimizer("stratopt", model, capturable="yes")
+
+
+def test_capturable_changes_no_result(emulated):
+    runs = []
+    for capturable in (False, True):
+        torch.manual_seed(0)
+        model = TinyNet(dims=(33, 130, 67, 41)).to(torch.bfloat16)
+        opt = stratopt_ds.create_optimizer("stratopt", model, lr=1e-2, capturable=capturable)
+        with emulated.active():
+            for step in range(3):
+                _dyadic_grads(model, step)
+                opt.step()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(same(a, b) for a, b in zip(*runs))
+
+
 def test_the_table_cache_evicts_least_recently_used():
     cache = dispatch.TableCache("things", limit=2)
     cpu = torch.device("cpu")
@@ -577,8 +614,8 @@ def test_a_captured_bf16_step_replays_like_eager_steps():
     def run(graphed):
         torch.manual_seed(0)
         model = TinyNet(dims=(33, 130, 67, 41)).to(dev, torch.bfloat16)
-        opt = stratopt_ds.create_optimizer("stratopt", model, lr=torch.tensor(1e-2, dtype=torch.float64,
-                                                                              device=dev))
+        opt = stratopt_ds.create_optimizer("stratopt", model, capturable=True,
+                                           lr=torch.tensor(1e-2, dtype=torch.float64, device=dev))
         _dyadic_grads(model, 0)
         with use_backend("native"):
             s = torch.cuda.Stream()

@@ -536,7 +536,8 @@ def test_cuda_chunk_tables_cover_every_fragment_once():
     frags = [(0, 0, 4, 1), (0, 4, 6, 0), (1, 0, 1, 2), (2, 0, 37, 1), (3, 0, 0, 4), (3, 0, 64, 3)]
     num_layers, chunk = 6, 7  # layer 5 has no fragment, layer 4 only an empty one
     grads = [torch.randn(n, dtype=torch.float64) for n in sizes]
-    chunks, layer_ptr, layer_chunks = dispatch._cuda_chunks(frags, num_layers, chunk, torch.device("cpu"))
+    chunks, layer_ptr, layer_chunks = dispatch._cuda_chunks(frags, num_layers, chunk, torch.device("cpu"),
+                                                            lambda: sizes)
     rows = chunks.tolist()
     assert all(0 < n <= chunk for _, _, n, _ in rows)
     for t, start, length, layer in frags:  # the chunks of a fragment tile it, in order

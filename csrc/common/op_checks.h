@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <optional>
 #include <ostream>
+#include <string>
 #include <vector>
 
 namespace stratopt {
@@ -107,8 +108,11 @@ inline const int64_t* checked_frags(const at::Tensor& frags, const std::vector<i
   for (int64_t i = 0; i < frags.size(0); ++i) {
     const int64_t t = f[4 * i], s = f[4 * i + 1], l = f[4 * i + 2], layer = f[4 * i + 3];
     TORCH_CHECK(t >= 0 && t < n_t, "stratopt op: frags row ", i, " names tensor ", t, " of ", n_t);
-    TORCH_CHECK(s >= 0 && l >= 0 && s + l <= numels[t], "stratopt op: frags row ", i, " [", s, ", ", s + l,
-                ") is outside tensor ", t, " of ", numels[t], " elements");
+    int64_t end = 0;
+    const bool overflows = __builtin_add_overflow(s, l, &end);  // a bogus length must not wrap around
+    TORCH_CHECK(s >= 0 && l >= 0 && !overflows && end <= numels[t], "stratopt op: frags row ", i, " [", s, ", ",
+                overflows ? std::string("overflow") : std::to_string(end), ") is outside tensor ", t, " of ",
+                numels[t], " elements");
     TORCH_CHECK(layer >= 0 && layer < num_layers, "stratopt op: frags row ", i, " layer ", layer,
                 " is outside [0, ", num_layers, ")");
   }

@@ -43,6 +43,11 @@ MUTATIONS = {
         "update_one<M2>(s, to_f(gv.x[2]), pv.y, m1v.y, vv.y, m2v.y);",
         "the second element of each 16-byte group gets the third gradient",
     ),
+    "no-scalar-fallback": (
+        "    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) update_elem<G, M2, OUT>(s, c, i);\n    return;",
+        "    return;",
+        "a chunk whose arrays are misaligned against each other is left unchanged",
+    ),
     "no-head-peel": (
         "const int64_t head = head_to(c.p, 16) < n ? head_to(c.p, 16) : n;",
         "const int64_t head = 0;",

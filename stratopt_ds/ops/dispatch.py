@@ -120,10 +120,11 @@ class TableCache:
                 f"stratopt_ds: the fused optimizer step met {self.what} it has no table for while a CUDA graph "
                 f"is being captured on {device}. Tables are built by an eager step: run one optimizer step "
                 "with the same tensors before capturing, and keep them allocated between steps (e.g. "
-                "zero_grad(set_to_none=False), so the gradients keep their addresses).")
+                "zero_grad(set_to_none=False), so the gradients keep their addresses; a bfloat16/float16 model "
+                "also needs the optimizer built with capturable=True).")
         value = build()
         with self._lock:
-            self._entries[key] = value
+            value = self._entries.setdefault(key, value)  # another thread may have built it first
             while len(self._entries) - len(self._pinned) > self.limit:
                 oldest = next(k for k in self._entries if k not in self._pinned)
                 del self._entries[oldest]
@@ -131,6 +132,9 @@ class TableCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def __contains__(self, key: tuple) -> bool:
+        return key in self._entries
 
     def pinned(self) -> int:
         return len(self._pinned)
@@ -160,11 +164,21 @@ def host_frags(rows: tuple) -> torch.Tensor:
                             torch.device("cpu"))
 
 
-def _cuda_chunks(frags: Sequence[Sequence[int]], num_layers: int, chunk: int, device: torch.device):
+def _cuda_chunks(frags: Sequence[Sequence[int]], num_layers: int, chunk: int, device: torch.device,
+                 numels: Callable[[], Sequence[int]]):
     """Fragments cut into chunks of <= ``chunk`` elements (one CUDA block each), and the per-layer
     chunk lists (CSR, chunks in table order) of the deterministic finalize; built once, cached.
-    Rows are not checked here (the op checks them against the tensors)."""
+
+    The op checks the rows against the tensors (every call). Before building, rows that do not
+    fit ``numels()`` get an empty table instead, so that a bogus length cannot make Python cut
+    billions of chunks before that check names the row."""
     rows = reference.as_rows(frags)
+    key = ("chunks", str(device), num_layers, chunk, rows)
+    if key not in _row_tables:  # rows seen for the first time: checked once, not every step
+        sizes = numels()
+        if not all(0 <= t < len(sizes) and 0 <= length <= sizes[t] for t, _, length, _ in rows):
+            empty = torch.zeros((0, 4), dtype=torch.int64, device=device)
+            return empty, torch.zeros(max(num_layers, 0) + 1, dtype=torch.int64, device=device), empty.view(-1)
 
     def build():
         chunks, per_layer = [], [[] for _ in range(num_layers)]
@@ -180,7 +194,7 @@ def _cuda_chunks(frags: Sequence[Sequence[int]], num_layers: int, chunk: int, de
         return (_to_device(chunks or [[0, 0, 0, 0]], device)[: len(chunks)],
                 _to_device(layer_ptr, device), _to_device(flat_ids, device))
 
-    return _row_tables.get(("chunks", str(device), num_layers, chunk, rows), build, device)
+    return _row_tables.get(key, build, device)
 
 
 def _addr(x: Optional[torch.Tensor]) -> int:
@@ -219,7 +233,8 @@ def fragment_sumsq(grads: Sequence[torch.Tensor], frags: Sequence[Sequence[int]]
     flats = [g.contiguous() for g in grads]  # the kernels read flat memory; copies only strided ones
     if module.KIND == "cpu":
         return module.fragment_sumsq(flats, host_frags(rows), num_layers).to(device)
-    chunks, layer_ptr, layer_chunks = _cuda_chunks(rows, num_layers, module.CHUNK, at)
+    chunks, layer_ptr, layer_chunks = _cuda_chunks(rows, num_layers, module.CHUNK, at,
+                                                   lambda: [g.numel() for g in flats])
     ptrs = _cuda_ptrs(_ptr_rows([None] * len(flats), flats, [], [], [], [], []), at)
     return module.fragment_sumsq(flats, host_frags(rows), num_layers, ptrs, chunks, layer_ptr,
                                  layer_chunks).to(device)
@@ -276,7 +291,7 @@ def fragment_update(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor
         module.fragment_update(*args, half_out=outs, **kw)
         return
     ptrs = _cuda_ptrs(_ptr_rows(params, flats, args[2], args[3], slows, outs, args[5]), at)
-    chunks, _, _ = _cuda_chunks(rows, clip_coef.numel(), module.CHUNK, at)
+    chunks, _, _ = _cuda_chunks(rows, clip_coef.numel(), module.CHUNK, at, lambda: [p.numel() for p in params])
     if lr_tensor is not None:  # read in the kernel: no host sync, graph-replayable
         kw["lr"] = 0.0
         lr_tensor = lr_tensor.to(device=at, dtype=torch.float64).reshape(1)

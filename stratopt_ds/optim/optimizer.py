@@ -30,6 +30,7 @@ Choices where the spec leaves room:
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable, ClassVar, Iterable, Optional
 
 import torch
@@ -43,11 +44,22 @@ from .layer_stats import LayerStats, LayerStep
 
 
 class LayerwiseAdam(Optimizer):
-    """Layer-adaptive Adam; see the module docstring. Keywords: spec section 10."""
+    """Layer-adaptive Adam; see the module docstring. Keywords: spec section 10.
+
+    ``capturable=True`` (as in ``torch.optim.Adam``): make the step safe to capture in a CUDA
+    graph for bfloat16/float16 (or float64) parameters too, by stepping them through float32
+    work buffers that live as long as the optimizer (4 bytes per such parameter, also during
+    forward and backward) instead of a ``p.float()`` per step, whose new address each step
+    would need a new kernel table inside the capture. float32 parameters are capturable either
+    way. Not a hyperparameter: it changes no result, only where the float32 values live.
+    """
 
     preset: ClassVar[str] = "adamw"
 
-    def __init__(self, params: Iterable[Any], **hyperparams: Any):
+    def __init__(self, params: Iterable[Any], *, capturable: bool = False, **hyperparams: Any):
+        if not isinstance(capturable, bool):
+            raise ValueError(f"capturable={capturable!r}: expected True or False")
+        self.capturable = capturable
         preset = config.preset_defaults(self.preset)
         group_kw, layer_kw = config.split_keywords(hyperparams)
         defaults = {k: preset[k] for k in config.GROUP_DEFAULTS} | group_kw
@@ -223,21 +235,24 @@ class LayerwiseAdam(Optimizer):
                     p.copy_(p32)
 
     def _fp32_views(self, ps: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Each parameter as float32: itself, or (bf16/fp16/fp64 models) its value copied into a
-        float32 work buffer that lives as long as the optimizer. The buffer keeps its address from
-        step to step, so the CUDA op's pointer table is built once, by the first step, and a CUDA
-        graph captured after it finds every table (a fresh ``p.float()`` per step would be a new
-        address each time, and a table built inside the capture). It costs 4 bytes per 16-bit
-        parameter, which ``p.float()`` held at every step anyway; it is not saved."""
-        work = self.__dict__.setdefault("_fp32_work", {})
+        """Each parameter as float32: itself, or a float32 copy of a bf16/fp16/fp64 one, which the
+        fused update steps (the parameter is then written back from it, rounded). With
+        ``capturable`` the copy is a work buffer kept from step to step (see the class doc):
+        the CUDA op's tables, built by an eager step, then serve a captured one."""
+        if not self.capturable:
+            return [p if p.dtype == torch.float32 else p.float() for p in ps]
+        work = self.__dict__.setdefault("_fp32_work", {})  # id(p) -> (weakref to p, buffer)
         out, srcs, dsts = [], [], []
         for p in ps:
             if p.dtype == torch.float32:
                 out.append(p)
                 continue
-            buf = work.get(id(p))
-            if buf is None or buf.shape != p.shape or buf.device != p.device:
-                buf = work[id(p)] = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+            ref, buf = work.get(id(p), (None, None))
+            if ref is None or ref() is not p or buf.shape != p.shape or buf.device != p.device:
+                for key in [k for k, (r, _) in work.items() if r() is None]:  # parameters gone
+                    del work[key]
+                buf = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+                work[id(p)] = (weakref.ref(p), buf)
             srcs.append(p)
             dsts.append(buf)
             out.append(buf)
