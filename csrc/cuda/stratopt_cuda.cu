@@ -179,12 +179,12 @@ __global__ void scalars_kernel(const int64_t* __restrict__ ptrs, const int64_t* 
                                   h.lr_device ? *h.lr_device : h.lr, clip_coef[layer], alpha[layer]);
 }
 
-// At least 4 resident blocks (1024 threads) per SM: caps registers at 64 (72 uncapped, 3 blocks),
-// more loads in flight for a kernel bound by memory bandwidth.
-constexpr int kUpdateBlocksPerSM = 4;
-
+// Resident blocks per SM asked of the register allocator: 4 (64 registers) without m2, where it
+// fits without spilling (uncapped: 68 registers, 3 blocks); 3 with m2, which spills at 64. Each
+// thread has 4-5 16-byte loads in flight per iteration, so 3 blocks already cover the memory
+// latency (Little's law: ~15 KB in flight per SM at 3 TB/s).
 template <bool M2>
-__global__ void __launch_bounds__(kThreads, kUpdateBlocksPerSM) update_kernel(const int64_t* __restrict__ ptrs,
+__global__ void __launch_bounds__(kThreads, M2 ? 3 : 4) update_kernel(const int64_t* __restrict__ ptrs,
                                                           const int64_t* __restrict__ chunks,
                                                           const bool* __restrict__ finite,
                                                           const FragScalars* __restrict__ scalars) {
