@@ -12,8 +12,9 @@ STAMP  := $(VENV)/.stratopt-installed
 setup: $(STAMP)
 
 # torch first and only if the venv has none, so an installed (e.g. CUDA) torch is never
-# replaced; then everything else with torch pinned to whatever is installed.
-$(STAMP): setup.py requirements.txt
+# replaced; then everything else with torch pinned to whatever is installed (requirements.txt:
+# the tested versions of ".[all]"), then this package, editable, with its console scripts.
+$(STAMP): pyproject.toml setup.py requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH)"
 	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt

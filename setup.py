@@ -1,4 +1,5 @@
-"""stratopt-ds. `pip install -e .` needs no compiler; native ops come with STRATOPT_BUILD_OPS=1.
+"""stratopt-ds (metadata in pyproject.toml). `pip install -e .` needs no compiler; native ops come
+with STRATOPT_BUILD_OPS=1.
 
 ``STRATOPT_BUILD_OPS=1 pip install --no-build-isolation -e .`` prebuilds the CPU op
 (``stratopt_ds.ops._stratopt_cpu``) and, when torch has CUDA and nvcc is found, the CUDA op
@@ -56,20 +57,11 @@ if os.environ.get("STRATOPT_BUILD_OPS", "0") == "1":
     kwargs = dict(ext_modules=ext)
     cmdclass["build_ext"] = BuildExtension
 
+# Metadata, dependencies, extras and console scripts are in pyproject.toml; here only what takes
+# code: the package list, csrc/ shipped inside the package, and the optional native ops.
 setup(
-    name="stratopt-ds",
-    version="0.1.0",
-    description="Layer-adaptive optimizers (StratOpt and family) for DeepSpeed LLM pretraining",
     packages=find_packages(include=["stratopt_ds", "stratopt_ds.*"]),
     package_data={"stratopt_ds.study": ["plans/*.yaml", "README.md"]},
-    python_requires=">=3.10",
-    # torch is deliberately a floor, not a pin: an installed torch must never be upgraded.
-    install_requires=["torch>=2.1", "numpy", "tqdm"],
-    extras_require={
-        "train": ["transformers>=4.40", "tokenizers", "datasets>=2.18", "deepspeed>=0.14", "accelerate"],
-        "test": ["pytest"],
-    },
-    entry_points={"console_scripts": ["stratopt-train=stratopt_ds.train:cli"]},
     cmdclass=cmdclass,
     **kwargs,
 )

@@ -24,7 +24,8 @@ from accelerate import Accelerator  # noqa: E402
 
 from stratopt_ds import available_optimizers, create_optimizer, data, models  # noqa: E402
 from stratopt_ds.accelerate import bind_prepared, deepspeed_plugin, distributed_state  # noqa: E402
-from stratopt_ds.train import lr_schedule, parse_opt_args  # noqa: E402
+from stratopt_ds.run_policy import parse_opt_args  # noqa: E402
+from stratopt_ds.train import lr_schedule  # noqa: E402
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

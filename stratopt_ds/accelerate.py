@@ -20,8 +20,9 @@ accelerate's DeepSpeed path has two silent traps for a client optimizer:
   pass (the shipped configs do) is checked against it, key by key, and removed; any other
   section is refused with an error naming the key.
 
-Gradient clipping is made explicit as in :func:`stratopt_ds.deepspeed.prepare_config`: an
-optimizer that clips itself turns DeepSpeed's default ``gradient_clipping=1.0`` off.
+Gradient clipping follows the one rule of :mod:`stratopt_ds.run_policy` (through
+:func:`stratopt_ds.deepspeed.prepare_config`): an optimizer that clips itself turns DeepSpeed's
+default ``gradient_clipping=1.0`` off, and is refused with a config that sets one.
 
 On a machine without an accelerator DeepSpeed runs on CPU with gloo, but accelerate's
 ``PartialState`` then finds no distributed backend and tells every rank it is the only process
@@ -34,9 +35,10 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Mapping, Optional
 
-from .deepspeed import (load_config, offloads_optimizer, optimizer_clips, prepare_config,
+from .deepspeed import (load_config, offloads_optimizer, prepare_config,
                         release_cpu_comm_shm, resolve_optimizer_name)
 from .optim import LayerwiseAdam
+from .run_policy import optimizer_clip_mode
 
 
 # ------------------------------------------------------------------------------------------------
@@ -111,10 +113,7 @@ def prepare_for_optimizer(config: dict, optimizer: Any) -> dict:
                              f"section but a {type(optimizer).__name__} is passed; remove the key")
         check_section_matches_optimizer(section, optimizer)
         del config["optimizer"]
-    clips, mode = optimizer_clips(optimizer)
-    if config.get("gradient_clipping") == "auto":
-        del config["gradient_clipping"]  # nothing to fill it from: the explicit default applies
-    return prepare_config(config, clips, mode)
+    return prepare_config(config, optimizer_clip_mode(optimizer))  # "auto": nothing to fill it from
 
 
 def deepspeed_plugin(config_or_plugin: Any, optimizer: Any, **plugin_kwargs):

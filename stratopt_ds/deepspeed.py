@@ -9,10 +9,10 @@ Use it exactly like ``deepspeed.initialize``. When the config's ``"optimizer"`` 
 * sets what DeepSpeed needs for a client optimizer under ZeRO: ``zero_allow_untested_optimizer``
   and, with optimizer offload, ``zero_force_ds_cpu_optimizer: false`` (otherwise DeepSpeed
   would refuse it, and accelerate would silently swap in DeepSpeedCPUAdam);
-* makes gradient clipping explicit. DeepSpeed clips the global norm to 1.0 when the config says
-  nothing. If our optimizer clips itself (``clip`` is not ``"none"``) and the config does not set
-  ``gradient_clipping``, the engine's clipping is turned off and the user is told; if the config
-  sets both, both are honoured, with one warning naming both settings;
+* makes gradient clipping explicit, by the one rule of :mod:`stratopt_ds.run_policy`: DeepSpeed
+  clips the global norm to 1.0 when the config says nothing; if our optimizer clips itself
+  (``clip`` is not ``"none"``) that default is turned off and the log says so, and a config that
+  sets ``gradient_clipping > 0`` for such an optimizer is refused (it would clip twice);
 * binds the optimizer to the ZeRO wrapper, so per-layer norms are exact across partitions.
 
 Any other config is passed to ``deepspeed.initialize`` unchanged, and an optimizer instance or
@@ -24,16 +24,15 @@ import copy
 import json
 import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 from .optim import OPTIMIZER_CLASSES, available_optimizers, create_optimizer
 from .optim.optimizer import LayerwiseAdam
+from .run_policy import engine_clipping, optimizer_clip_mode
 
 logger = logging.getLogger(__name__)
 
-DEEPSPEED_DEFAULT_CLIPPING = 1.0  # deepspeed.runtime.constants.GRADIENT_CLIPPING_DEFAULT
 _OUR_PREFIXES = ("stratopt", "la-", "la_", "layerwise")  # a typo of ours, not a DeepSpeed name
 
 
@@ -81,29 +80,16 @@ def keep_client_optimizer_under_offload(config: dict, what: str = "stratopt_ds o
     config["zero_force_ds_cpu_optimizer"] = False
 
 
-def prepare_config(config: dict, optimizer_clips: bool, clip_mode: str = "layer") -> dict:
-    """Set the flags a client optimizer needs and make gradient clipping explicit (in place)."""
+def prepare_config(config: dict, clip_mode: str) -> dict:
+    """Set the flags a client optimizer needs, and the gradient clipping of the run policy
+    (``clip_mode``: the optimizer's, :func:`stratopt_ds.run_policy.optimizer_clip_mode`), in place."""
     if config.get("zero_optimization", {}).get("stage", 0) > 0:
         config["zero_allow_untested_optimizer"] = True
         keep_client_optimizer_under_offload(config)
-    engine_clip = config.get("gradient_clipping")
-    if engine_clip is None:
-        config["gradient_clipping"] = 0.0 if optimizer_clips else DEEPSPEED_DEFAULT_CLIPPING
-        if optimizer_clips:
-            logger.warning("stratopt_ds: the optimizer clips its own gradients, so DeepSpeed's default "
-                           "gradient_clipping=1.0 is turned off (set gradient_clipping to keep both)")
-    elif engine_clip > 0 and optimizer_clips:
-        warnings.warn(f"both gradient_clipping={engine_clip} (DeepSpeed, global, applied first) and the "
-                      f"optimizer's clip={clip_mode!r} are active; both are honoured", stacklevel=3)
+    config["gradient_clipping"], notes = engine_clipping(config.get("gradient_clipping"), clip_mode)
+    for note in notes:
+        logger.warning("stratopt_ds: %s", note)
     return config
-
-
-def optimizer_clips(optimizer: Any) -> tuple[bool, str]:
-    """(clips its own gradients, clip mode) of an optimizer; non-stratopt ones never clip."""
-    if isinstance(optimizer, LayerwiseAdam):
-        mode = optimizer.layer_options["clip"]
-        return mode != "none", mode
-    return False, "none"
 
 
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None,
@@ -130,7 +116,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         del config["optimizer"]
         model_parameters = None
     if isinstance(optimizer, LayerwiseAdam) or name is not None:
-        prepare_config(config, *optimizer_clips(optimizer))
+        prepare_config(config, optimizer_clip_mode(optimizer))
     if args is not None and getattr(args, "deepspeed_config", None) is not None:
         args = copy.copy(args)
         args.deepspeed_config = None  # the prepared dict is the config now

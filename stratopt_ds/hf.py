@@ -22,10 +22,11 @@ optimizer mixes a slow momentum (``mix_alpha > 0``), its warm-ups ``t_alpha``/``
 run (``max_steps``) unless set, as in ``python -m stratopt_ds.train``.
 ``optimizer_cls_and_kwargs=(OurClass, kwargs)`` gets the same named groups.
 
-**Gradient clipping.** ``max_grad_norm`` defaults to None: the DeepSpeed config's
-``gradient_clipping`` when it sets one, else 0 (off) for an optimizer that clips itself
-(``clip`` != ``"none"``), else 1.0 (the Trainer's default). It is what the Trainer passes to
-DeepSpeed as ``gradient_clipping``; both clippings at once are allowed, with a warning.
+**Gradient clipping** follows the one rule of :mod:`stratopt_ds.run_policy`. ``max_grad_norm``
+defaults to None: the DeepSpeed config's ``gradient_clipping`` when it sets one, else 0 (off) for
+an optimizer that clips itself (``clip`` != ``"none"``), else 1.0 (the Trainer's default). It is
+what the Trainer passes to DeepSpeed as ``gradient_clipping``. A global clip > 0 together with an
+optimizer that clips itself is refused: it would clip twice.
 
 **The three silent traps of Trainer + DeepSpeed, and what happens here:**
 
@@ -61,12 +62,14 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.training_args import OptimizerNames
 
+from . import run_policy
 from .accelerate import bind_prepared, distributed_state, refuse_foreign_optimizer_section, section_mismatches
 from .data import WindowDataset, WindowSampler
-from .deepspeed import (keep_client_optimizer_under_offload, load_config, optimizer_clips,
-                        prepare_config, resolve_optimizer_name)
+from .hf_callback import install_layer_stats
+from .deepspeed import keep_client_optimizer_under_offload, load_config, prepare_config, resolve_optimizer_name
 from .optim import LayerwiseAdam, available_optimizers, create_optimizer
 from .optim.config import with_run_length_warmups
+from .run_policy import parse_opt_args
 
 logger = logging.getLogger(__name__)
 
@@ -135,8 +138,6 @@ def split_top_level(text: str) -> list[str]:
 
 def parse_optim_args(text: Optional[str]) -> dict[str, Any]:
     """``'mix_alpha=8,clip=global,betas=[0.9,0.95]'`` (or a JSON object) -> typed dict."""
-    from .train import parse_opt_args  # the same rules as `stratopt-train --opt-args`
-
     if not text:
         return {}
     try:
@@ -166,8 +167,7 @@ def resolve_optim(optim: Optional[str], section: Optional[dict]) -> str:
 
 def trainer_hyperparams(args: "StratTrainingArguments") -> dict[str, Any]:
     """The keywords of ``args.optim``: Trainer args, the config section, then ``--optim_args``."""
-    if "lr" in parse_optim_args(args.optim_args):
-        raise ValueError("--optim_args: set the learning rate with --learning_rate, not lr=...")
+    run_policy.refuse_lr_in_args(parse_optim_args(args.optim_args), "--optim_args", "--learning_rate")
     # the section's own params never repeat a key given here (section_params drops them)
     return {**given_hyperparams(args), **args.optimizer_section_params}
 
@@ -179,13 +179,12 @@ def given_hyperparams(args: "StratTrainingArguments") -> dict[str, Any]:
             **parse_optim_args(args.optim_args)}
 
 
-def check_hyperparams(name: str, hp: dict[str, Any]) -> tuple[bool, str]:
-    """Build the optimizer on a throw-away module, so that bad values fail now, not at step 0."""
+def check_hyperparams(name: str, hp: dict[str, Any]) -> str:
+    """The run policy's check of the keywords (bad values fail now, not at step 0); the clip mode."""
     try:
-        optimizer = create_optimizer(name, nn.Linear(1, 1), **hp)
-    except (ValueError, TypeError) as err:
+        return run_policy.check_optimizer(name, hp)
+    except ValueError as err:
         raise ValueError(f"--optim {name} with --optim_args/learning_rate/adam_*: {err}") from None
-    return optimizer_clips(optimizer)
 
 
 def section_params(section: dict, args: "StratTrainingArguments") -> dict[str, Any]:
@@ -200,16 +199,18 @@ def section_params(section: dict, args: "StratTrainingArguments") -> dict[str, A
             if v != "auto" and k not in given}
 
 
-def resolve_max_grad_norm(value: Optional[float], config: Optional[dict], clips: bool) -> float:
+def resolve_max_grad_norm(value: Optional[float], config: Optional[dict], clip_mode: str) -> float:
     """See the module doc: the config's value, else off for a self-clipping optimizer, else 1.0."""
     in_config = (config or {}).get("gradient_clipping")
     in_config = None if in_config == "auto" else in_config
-    if value is None:
-        return float(in_config) if in_config is not None else (0.0 if clips else 1.0)
-    if in_config is not None and not math.isclose(float(in_config), value):
+    if value is not None and in_config is not None and not math.isclose(float(in_config), value):
         raise ValueError(f"--max_grad_norm {value} disagrees with the DeepSpeed config's "
                          f"gradient_clipping={in_config}; leave one out or make them agree")
-    return value
+    given, setting = (value, "--max_grad_norm") if value is not None else (in_config, "gradient_clipping")
+    resolved, notes = run_policy.engine_clipping(given, clip_mode, setting)
+    for note in notes:
+        logger.info("stratopt_ds: %s", note)
+    return resolved
 
 
 # ------------------------------------------------------------------------------------------------
@@ -231,14 +232,11 @@ class StratTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         config = load_config(self.deepspeed) if self.deepspeed else None
-        clips, clip_mode = self._resolve_optimizer(config)
-        self.max_grad_norm = resolve_max_grad_norm(self.max_grad_norm, config, clips)
+        clip_mode = self._resolve_optimizer(config)
+        self.max_grad_norm = resolve_max_grad_norm(self.max_grad_norm, config, clip_mode)
         if config is not None:
-            self.deepspeed = self._prepared_config(config, clips, clip_mode)
+            self.deepspeed = self._prepared_config(config, clip_mode)
             self._use_cpu_distributed_state()
-        elif clips and self.max_grad_norm > 0:
-            warnings.warn(f"both max_grad_norm={self.max_grad_norm} (the Trainer's global clip, applied "
-                          f"first) and the optimizer's clip={clip_mode!r} are active", stacklevel=2)
         if not self.uses_stratopt:
             super().__post_init__()
             return
@@ -248,14 +246,14 @@ class StratTrainingArguments(TrainingArguments):
         finally:
             self.optim = name
 
-    def _resolve_optimizer(self, config: Optional[dict]) -> tuple[bool, str]:
+    def _resolve_optimizer(self, config: Optional[dict]) -> str:
         """Set ``optim`` (and the config section's hyperparameters); check the hyperparameters.
-        Returns (the optimizer clips its own gradients, its clip mode)."""
+        Returns the optimizer's clip mode ('none' for a transformers optimizer)."""
         section = refuse_foreign_optimizer_section(config) if config else None  # trap 2
         self.optim = resolve_optim(self.optim, section)
         self.optimizer_section_params = section_params(section, self) if section else {}
         if not self.uses_stratopt:
-            return False, "none"
+            return "none"
         if self.optim in HF_NAMES:
             logger.info("--optim %s: stratopt_ds's optimizer of that name, not transformers'", self.optim)
         return check_hyperparams(self.optim, trainer_hyperparams(self))
@@ -264,12 +262,12 @@ class StratTrainingArguments(TrainingArguments):
     def uses_stratopt(self) -> bool:
         return self.optim in OUR_NAMES
 
-    def _prepared_config(self, config: dict, clips: bool, clip_mode: str) -> dict:
+    def _prepared_config(self, config: dict, clip_mode: str) -> dict:
         """The DeepSpeed config the Trainer's plugin gets (``args.deepspeed`` becomes this dict)."""
         config.pop("optimizer", None)  # translated above (a foreign one was refused)
         config["gradient_clipping"] = self.max_grad_norm
         if self.uses_stratopt:
-            prepare_config(config, clips, clip_mode)  # ZeRO flags, offload flag (trap 3)
+            prepare_config(config, clip_mode)  # ZeRO flags, offload flag (trap 3)
         return config
 
     def _use_cpu_distributed_state(self) -> None:
@@ -329,6 +327,7 @@ class StratTrainer(Trainer):
         if self.is_deepspeed_enabled:
             self._check_live_deepspeed_config()
         self.add_callback(_BindAtTrainBegin(self))
+        self.layer_stats_callback = install_layer_stats(self)  # stratopt/* keys in the logs
 
     @property
     def deepspeed_config(self) -> dict:

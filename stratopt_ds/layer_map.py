@@ -24,7 +24,7 @@ import torch
 # A transformer block index inside a parameter name: "...layers.<i>." / ".h.<i>." / ".blocks.<i>."
 _BLOCK_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
 
-# Depth of tensors that sit outside any block (embeddings, final norm, head), spec section 6.
+# Depth of tensors that sit outside any block (embeddings, final norm, head), docs/ALGORITHMS.md section 6.
 OUTSIDE_BLOCK_DEPTH = 0.5
 
 NormReducer = Callable[[torch.Tensor], torch.Tensor]
@@ -57,7 +57,7 @@ class LayerLayout:
 
 
 def layer_layout(names: Sequence[str], granularity: str = "tensor") -> LayerLayout:
-    """Number the layers of the named tensors (spec section 7), in order of first appearance.
+    """Number the layers of the named tensors (docs/ALGORITHMS.md section 7), in order of first appearance.
 
     Depth ``u = i / (num_blocks - 1)`` for a tensor of block ``i`` (0 when there is a single
     block), 0.5 outside blocks. ``num_blocks`` is one more than the largest block index seen.

@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from . import checkpoints, data, models
-from .deepspeed import optimizer_clips
+from . import checkpoints, data, models, run_policy
 from .metrics import MetricsLog, finite_or_none, optimizer_stats, print_summary
 from .optim import available_optimizers, create_optimizer
 from .optim.config import with_run_length_warmups
+from .run_policy import parse_opt_args  # noqa: F401  (also this module's API: hf, examples)
 
 # ------------------------------------------------------------------------------------------------
 # Options
@@ -101,31 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_opt_args(items: list[str]) -> dict[str, Any]:
-    """['{"beta3": 0.99}'] or ['beta3=0.99', 'clip=global'] -> {'beta3': 0.99, 'clip': 'global'}."""
-    out: dict[str, Any] = {}
-    for item in items:
-        if item.lstrip().startswith("{"):
-            out.update(json.loads(item))
-            continue
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"expected key=value or a JSON object, got {item!r}")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value  # a bare string such as clip=global
-    return out
-
-
 def optimizer_hyperparams(name: str, overrides: dict[str, Any], lr: float, steps: int) -> dict:
     """The optimizer keywords: overrides, the peak lr, and the slow-momentum warm-up lengths.
 
     When the optimizer mixes in a slow momentum (mix_alpha > 0) its warm-ups ``t_alpha`` and
     ``t_beta3`` span the whole run unless the overrides set them.
     """
-    if "lr" in overrides:
-        raise ValueError("set the learning rate with --lr, not in --opt-args")
+    run_policy.refuse_lr_in_args(overrides, "--opt-args", "--lr")
     return with_run_length_warmups(name, {**overrides, "lr": lr}, steps)
 
 
@@ -178,15 +160,19 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> arg
     if args.deepspeed_config is not None:
         base = check_deepspeed_config(parser, args, lr_given)
     args.optimizer = args.optimizer or "stratopt"
-    try:  # build the optimizer once on a throw-away module: bad hyperparameters raise here
+    try:  # the run policy's checks of the optimizer keywords: bad values raise here
         args.hyperparams = optimizer_hyperparams(args.optimizer, {**base, **overrides},
                                                  args.lr, args.steps)
-        probe = create_optimizer(args.optimizer, nn.Linear(1, 1), **args.hyperparams)
-    except (ValueError, TypeError) as e:
+        clip_mode = run_policy.check_optimizer(args.optimizer, args.hyperparams)
+    except ValueError as e:
         where = "the DeepSpeed config's optimizer.params or " if base else ""
         parser.error(f"{where}--opt-args: {e}")
     if args.ds_config is not None:
-        check_clipping(parser, args, probe)
+        try:
+            args.ds_config["gradient_clipping"], args.notes = run_policy.engine_clipping(
+                args.ds_config.get("gradient_clipping"), clip_mode)
+        except ValueError as e:
+            parser.error(f"{args.deepspeed_config}: {e}")
     if args.resume or args.save_every:
         if args.out is None:
             parser.error("--resume and --save-every need --out (checkpoints go to <out>/checkpoints)")
@@ -227,26 +213,10 @@ def check_deepspeed_config(parser: argparse.ArgumentParser, args: argparse.Names
     # set by the deepspeed launcher (mpirun sets OMPI_*); DeepSpeedRun checks again after init
     args.ranks = int(os.environ.get("WORLD_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or 1)
     try:
-        check_batch_split(args.batch_size, args.ranks, int(config.get("gradient_accumulation_steps", 1)))
+        run_policy.check_batch_split(args.batch_size, args.ranks, int(config.get("gradient_accumulation_steps", 1)))
     except ValueError as e:
         parser.error(str(e))
     return params
-
-
-def check_batch_split(batch_size: int, ranks: int, gas: int) -> None:
-    if batch_size % (ranks * gas):
-        raise ValueError(f"--batch-size {batch_size} is not divisible by ranks x "
-                         f"gradient_accumulation_steps = {ranks} x {gas}")
-
-
-def check_clipping(parser: argparse.ArgumentParser, args: argparse.Namespace, optimizer) -> None:
-    """DeepSpeed's global clipping and an optimizer that clips itself would clip twice."""
-    clips, clip = optimizer_clips(optimizer)
-    engine_clip = args.ds_config.get("gradient_clipping")
-    if engine_clip and clips:
-        parser.error(f"conflicting clipping: the DeepSpeed config sets gradient_clipping="
-                     f"{engine_clip} and {args.optimizer!r} clips itself (clip={clip!r}); set "
-                     f"gradient_clipping to 0 or pass --opt-args clip=none")
 
 
 def checkpoint_dir(args: argparse.Namespace) -> Path:
@@ -383,7 +353,7 @@ class DeepSpeedRun:
         (launchers that set no WORLD_SIZE, e.g. mpirun) and one data source on every rank
         ('--data auto' is decided per rank)."""
         try:
-            check_batch_split(args.batch_size, self.world, self.gas)
+            run_policy.check_batch_split(args.batch_size, self.world, self.gas)
         except ValueError as e:
             raise SystemExit(str(e)) from None
         sources = [None] * self.world

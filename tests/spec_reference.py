@@ -1,4 +1,4 @@
-"""An independent float64 implementation of ../shared/spec/ALGORITHMS.md, written for the tests.
+"""An independent float64 implementation of docs/ALGORITHMS.md, written for the tests.
 
 It imports nothing from stratopt_ds: it works on plain dicts of named float64 tensors, with the
 spec's formulas as written (step counter t, bn^(t-1) debiasing, block regex of section 7).

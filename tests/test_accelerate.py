@@ -97,6 +97,7 @@ def test_distributed_state_is_a_no_op_outside_a_launcher(monkeypatch):
     assert distributed_state() is False
 
 
+@pytest.mark.dist
 def test_accelerate_launch_trains_ours_at_zero2_with_offload(tmp_path):
     port = free_port()
     out = tmp_path / "run"

@@ -484,6 +484,7 @@ def test_an_unknown_hub_tokenizer_offline_is_named(tmp_path, monkeypatch):
 # Requests: a store as it is, a source through the cache
 
 
+@pytest.mark.dist
 def test_a_source_is_built_once_into_the_cache_by_whichever_process_comes_first(tmp_path):
     src = write_jsonl(tmp_path / "docs.jsonl", paragraphs(3000))
     code = ("import sys; from stratopt_ds import data; "

@@ -30,26 +30,26 @@ def test_names_and_class_names_resolve():
 
 def test_self_clipping_optimizer_turns_engine_clipping_off_and_says_so(caplog):
     with caplog.at_level(logging.WARNING):
-        cfg = prepare_config(_zero(), optimizer_clips=True)
+        cfg = prepare_config(_zero(), "layer")
     assert cfg["gradient_clipping"] == 0.0
     assert "gradient_clipping" in caplog.text
     assert cfg["zero_allow_untested_optimizer"] is True
 
 
 def test_non_clipping_optimizer_keeps_deepspeed_default_explicitly():
-    assert prepare_config(_zero(), optimizer_clips=False)["gradient_clipping"] == 1.0
+    assert prepare_config(_zero(), "none")["gradient_clipping"] == 1.0
 
 
-def test_both_clippings_are_honoured_with_one_warning():
-    with pytest.warns(UserWarning, match="gradient_clipping=0.5.*clip='layer'") as record:
-        cfg = prepare_config(_zero(gradient_clipping=0.5), optimizer_clips=True)
-    assert cfg["gradient_clipping"] == 0.5 and len(record) == 1
+def test_both_clippings_are_refused():
+    """The run policy's one rule (tests/test_run_policy.py drives every entry point with it)."""
+    with pytest.raises(ValueError, match=r"conflicting clipping: gradient_clipping=0.5 .* clip='layer'"):
+        prepare_config(_zero(gradient_clipping=0.5), "layer")
 
 
 def test_offload_keeps_our_optimizer():
-    assert prepare_config(_zero(offload=True), True)["zero_force_ds_cpu_optimizer"] is False
+    assert prepare_config(_zero(offload=True), "layer")["zero_force_ds_cpu_optimizer"] is False
     with pytest.raises(ValueError, match="zero_force_ds_cpu_optimizer=true"):
-        prepare_config(_zero(offload=True, zero_force_ds_cpu_optimizer=True), True)
+        prepare_config(_zero(offload=True, zero_force_ds_cpu_optimizer=True), "layer")
 
 
 def test_config_errors_name_the_file(tmp_path):

@@ -43,8 +43,7 @@ def prepared(cfg):
                                              torch.nn.Linear(4, 4), **section["params"])
     cfg = copy.deepcopy(cfg)
     del cfg["optimizer"]
-    clip = optimizer.layer_options["clip"]
-    return prepare_config(cfg, clip != "none", clip), optimizer
+    return prepare_config(cfg, optimizer.layer_options["clip"]), optimizer
 
 
 def test_every_preset_and_stage_is_shipped():

@@ -233,8 +233,9 @@ def test_gradient_clipping_is_explicit(tmp_path):
     assert args.max_grad_norm == 0.0 and args.hf_deepspeed_config.config["gradient_clipping"] == 0.0
     args = ds_args(tmp_path, hf_config(), optim="stratopt-noclip")
     assert args.max_grad_norm == 1.0 and args.hf_deepspeed_config.config["gradient_clipping"] == 1.0
-    with pytest.warns(UserWarning, match=r"both gradient_clipping=0.5 .* clip='layer'"):
-        args = ds_args(tmp_path, hf_config(), max_grad_norm=0.5)
+    with pytest.raises(ValueError, match=r"conflicting clipping: --max_grad_norm=0.5 .* clip='layer'"):
+        ds_args(tmp_path, hf_config(), max_grad_norm=0.5)  # the run policy's one rule
+    args = ds_args(tmp_path, hf_config(), optim="stratopt-noclip", max_grad_norm=0.5)
     assert args.hf_deepspeed_config.config["gradient_clipping"] == 0.5
     with pytest.raises(ValueError, match=r"--max_grad_norm 0.5 disagrees with the DeepSpeed config's "
                                          r"gradient_clipping=0.0"):
@@ -274,6 +275,7 @@ def worker(tmp_path_factory):
     return report
 
 
+@pytest.mark.dist
 def test_script_trains_on_the_shipped_zero2_config(worker):
     """`deepspeed launch/hf_train.py --deepspeed ds_configs/tiny_zero2_cpu.json --optim stratopt ...`,
     as the README has it; the config's StratOpt section is translated (trap 2, handled)."""
@@ -284,6 +286,7 @@ def test_script_trains_on_the_shipped_zero2_config(worker):
     assert len(summary["losses"]) == 10 and decreases(summary["losses"], 1.0), summary["losses"]
 
 
+@pytest.mark.dist
 def test_zero3_script_run_trains_ours(worker):
     r = worker["zero3"]
     assert r["optim"] == "stratopt" and r["zero_stage"] == 3
@@ -292,6 +295,7 @@ def test_zero3_script_run_trains_ours(worker):
 
 
 @pytest.mark.parametrize("case", ["zero3", "zero2_block", "zero2_offload"])
+@pytest.mark.dist
 def test_layer_norms_exact_across_partitions(worker, case):
     """The Trainer's engine, one more step: per-layer norms equal a single-process reference."""
     r = worker[case]
@@ -299,6 +303,7 @@ def test_layer_norms_exact_across_partitions(worker, case):
     assert r["norm_rel_err"] < 1e-5, r["norm_rel_err"]
 
 
+@pytest.mark.dist
 def test_block_layers_come_from_the_parameter_names(worker):
     r = worker["zero2_block"]
     assert r["optim"] == "la-sqrt-b1depth-cliplayer" and r["zero_stage"] == 2
@@ -308,12 +313,14 @@ def test_block_layers_come_from_the_parameter_names(worker):
                                 "model.norm.weight"]
 
 
+@pytest.mark.dist
 def test_offload_keeps_our_optimizer_in_the_trainer(worker):  # trap 3, handled
     r = worker["zero2_offload"]
     assert r["optim"] == "stratopt" and r["zero_stage"] == 2
     assert_ours_with_two_groups(r)
 
 
+@pytest.mark.dist
 def test_optimizers_passed_to_the_trainer_are_honoured(worker):  # trap 1, handled
     r = worker["client_optimizer"]
     assert r["inner_is_client"] and r["inner_optimizer"] == "StratOptNoMix" and r["groups"] == 2
@@ -321,6 +328,7 @@ def test_optimizers_passed_to_the_trainer_are_honoured(worker):  # trap 1, handl
     assert r["steps"] == 3 and r["bound"]
 
 
+@pytest.mark.dist
 def test_scheduler_passed_next_to_a_deepspeed_scheduler_is_refused(worker):  # trap 1, refused half
     assert worker["scheduler_conflict"]["error"] == (
         'ValueError: a scheduler was passed in optimizers=(optimizer, scheduler) and the DeepSpeed '

@@ -161,6 +161,7 @@ def test_hostfile_script_passes_launcher_and_limits(tmp_path):
     assert proc.returncode == 2 and "LAUNCHER=openmpi cannot use NUM_NODES" in proc.stderr
 
 
+@pytest.mark.dist
 def test_two_nodes_of_two_ranks_equal_one_node_of_four(tmp_path):
     """ZeRO-2, StratOpt, fp32: 10 steps, then the saved weights and optimizer partitions."""
     train = TRAIN + ["--save-every", "10"]
@@ -214,6 +215,7 @@ def flat_tensors(obj) -> list[torch.Tensor]:
     return []
 
 
+@pytest.mark.dist
 def test_scaling_script_writes_the_table(tmp_path):
     out = tmp_path / "scaling"
     proc = run([LAUNCH / "scaling_test.sh", out, "--data", "synthetic"], tmp_path, timeout=240,

@@ -217,7 +217,7 @@ def test_deepspeed_batch_must_divide(tmp_path):
     raw = tiny_plan()
     raw["sizes"]["tiny"]["deepspeed"] = {"config": "ds_configs/tiny_zero2_cpu.json", "num_gpus": 2}
     raw["train"]["batch_size"] = 6  # accumulation 2 x 2 ranks = 4 does not divide 6
-    with pytest.raises(PlanError, match="batch_size 6 is not divisible by gradient_accumulation"):
+    with pytest.raises(PlanError, match="batch_size 6 is not divisible by ranks x gradient_accumulation_steps = 2 x 2"):
         parse_plan(raw)
     raw["sizes"]["tiny"]["deepspeed"]["config"] = "ds_configs/none.json"
     with pytest.raises(PlanError, match="sizes.tiny.deepspeed.config: file not found"):

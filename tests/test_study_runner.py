@@ -52,6 +52,7 @@ def study(tmp_path_factory):
             "report": json.loads(js.read_text())}
 
 
+@pytest.mark.dist
 def test_runs_end_to_end_and_the_diverging_arm_is_recorded(study):
     out = study["out"]
     assert study["counts"][OK] == 4 and study["counts"][DIVERGED] == 2
@@ -69,6 +70,7 @@ def test_runs_end_to_end_and_the_diverging_arm_is_recorded(study):
         assert status["reason"].startswith("diverged at step")
 
 
+@pytest.mark.dist
 def test_report_has_the_tables_and_counts_the_failures(study):
     report, md = study["report"], study["md"]
     assert report["headline"]["adamw"]["tiny"]["n"] == 2
@@ -106,6 +108,7 @@ def share(px: np.ndarray, rgb: tuple[int, int, int], tol: int = 30) -> float:
 TAB_BLUE, TAB_RED, BLACK = (31, 119, 180), (214, 39, 40), (0, 0, 0)
 
 
+@pytest.mark.dist
 def test_plots_are_pngs_that_show_what_they_claim(study):
     out, plots = study["out"] / "report", study["report"]["plots"]["tiny"]
     assert set(plots) == {"val_curves", "final_loss", "grad_norm_heatmap", "alpha"}
@@ -125,6 +128,7 @@ def test_plots_are_pngs_that_show_what_they_claim(study):
     assert share(alpha, TAB_BLUE, 60) > 0.0002 and share(alpha, TAB_RED, 60) > 0.0001
 
 
+@pytest.mark.dist
 def test_rerun_skips_finished_and_failed_runs_and_retry_keeps_the_seeds(study):
     out, plan = study["out"], study["plan"]
     before = events(out)
@@ -139,6 +143,7 @@ def test_rerun_skips_finished_and_failed_runs_and_retry_keeps_the_seeds(study):
     assert (summary["seed"], summary["data_seed"]) == (1, 101)
 
 
+@pytest.mark.dist
 def test_a_changed_plan_cannot_reuse_the_study_directory(study, tmp_path):
     changed = write_plan(tmp_path, lambda p: (p["arms"].append(DIVERGING_ARM),
                                               p["train"].update(steps=30)))

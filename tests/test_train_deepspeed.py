@@ -17,6 +17,7 @@ from helpers import free_port
 
 from stratopt_ds import data
 
+pytestmark = __import__("pytest").mark.dist  # the deepspeed launcher, 2 CPU ranks
 ROOT = Path(__file__).resolve().parent.parent
 
 

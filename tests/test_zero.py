@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from helpers import free_port
 
+pytestmark = pytest.mark.dist  # every test reads deepspeed launches of 1-4 CPU ranks
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "dist" / "zero_worker.py"
 TOL = 1e-5

@@ -37,11 +37,11 @@ struct FragScalars {
 struct UpdateHyper {
   double beta2, eps, weight_decay, beta3, mix_alpha;
   int64_t t_alpha, t_beta3;
-  // The slow momentum m2 exists only with mix_alpha > 0 (spec section 4: no m2 is allocated).
+  // The slow momentum m2 exists only with mix_alpha > 0 (docs/ALGORITHMS.md section 4: no m2 is allocated).
   STRATOPT_HOST_DEVICE bool has_m2() const { return mix_alpha > 0.0; }
 };
 
-// b3(t) of spec section 2: linear in half-life space from b1 to b3 over t_beta3 steps.
+// b3(t) of docs/ALGORITHMS.md section 2: linear in half-life space from b1 to b3 over t_beta3 steps.
 STRATOPT_HOST_DEVICE double beta3_at(double t, double b1, double b3, int64_t t_beta3) {
   if (t_beta3 <= 0) return b3;
   const double s = fmin(t / static_cast<double>(t_beta3), 1.0);

@@ -1,6 +1,6 @@
 // StratOpt native CPU op: per-layer sums of squares over fragments, and the fused update.
 //
-// Contract: identical maths to stratopt_ds/ops/reference.py (spec section 9); see
+// Contract: identical maths to stratopt_ds/ops/reference.py (docs/ALGORITHMS.md section 9); see
 // stratopt_ds/ops/dispatch.py for the Python signatures.
 //
 // * Work is cut into fixed-size blocks of one fragment each (a fragment is a run

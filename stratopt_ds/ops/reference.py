@@ -41,7 +41,7 @@ def segment_sum(values: torch.Tensor, segments: Sequence[int], num_segments: int
     """``out[s] = sum of values[i] with segments[i] == s``, deterministically.
 
     Not ``index_add_``: on CUDA it adds float64 with atomics, in an order that changes from run
-    to run (spec section 9 asks for bitwise reproducible steps). The values of each segment are
+    to run (docs/ALGORITHMS.md section 9 asks for bitwise reproducible steps). The values of each segment are
     gathered into a zero-padded row of a (num_segments, most per segment) matrix and the rows
     summed: a fixed order on every device."""
     per: list[list[int]] = [[] for _ in range(num_segments)]

@@ -1,4 +1,4 @@
-"""Hyperparameter keywords, the named presets, and their validation (spec sections 4, 6, 10).
+"""Hyperparameter keywords, the named presets, and their validation (docs/ALGORITHMS.md sections 4, 6, 10).
 
 Every optimizer in the family is one engine (:class:`~stratopt_ds.optim.optimizer.LayerwiseAdam`)
 configured by the keywords below. A *named* optimizer is only a preset of these keywords; any
@@ -50,7 +50,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "granularity": ("tensor", "block"),
 }
 
-# b1-depth momentum: b1_l = DEPTH_B1_BASE + DEPTH_B1_SPAN * u_l (spec section 6).
+# b1-depth momentum: b1_l = DEPTH_B1_BASE + DEPTH_B1_SPAN * u_l (docs/ALGORITHMS.md section 6).
 DEPTH_B1_BASE = 0.85
 DEPTH_B1_SPAN = 0.10
 
@@ -157,6 +157,18 @@ def validate_layer_options(opts: Mapping[str, Any]) -> None:
     _check_range("alpha_max", opts["alpha_max"], 0.0, inf, True, True)
     if opts["alpha_min"] > opts["alpha_max"]:
         _fail("alpha_min", opts["alpha_min"], f"<= alpha_max={opts['alpha_max']}")
+
+
+def resolve_keywords(name: str, hyperparams: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(group defaults, layer options) of optimizer ``name`` given ``hyperparams``, validated:
+    what the optimizer's constructor uses, and what the run policy checks without building one."""
+    preset = preset_defaults(name)
+    group_kw, layer_kw = split_keywords(hyperparams)
+    defaults = {k: preset[k] for k in GROUP_DEFAULTS} | group_kw
+    layer_options = {k: preset[k] for k in LAYER_DEFAULTS} | layer_kw
+    validate_layer_options(layer_options)
+    validate_group(defaults)
+    return defaults, layer_options
 
 
 def split_keywords(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -24,14 +24,151 @@ def class_name(name: str) -> str:
     return "LA" + scaling.capitalize() + "B1" + b1[2:].capitalize() + "Clip" + clip[4:].capitalize()
 
 
-def _make(name: str) -> type[LayerwiseAdam]:
-    doc = f"The {name!r} optimizer: :class:`LayerwiseAdam` with the preset {PRESETS[name] or 'AdamW'}."
-    return type(class_name(name), (LayerwiseAdam,), {"preset": name, "__doc__": doc,
-                                                     "__module__": __name__})
+# One class statement per name (grep finds ``class StratOpt``); ``preset`` names the keyword preset
+# in config.PRESETS, which is where the hyperparameters live.
+
+class LayerwiseAdamW(LayerwiseAdam):
+    """AdamW (docs/ALGORITHMS.md section 1), on the layer-map engine; named so it never shadows
+    torch.optim.AdamW.
+    """
+
+    preset = "adamw"
 
 
-OPTIMIZER_CLASSES: dict[str, type[LayerwiseAdam]] = {name: _make(name) for name in PRESETS}
-globals().update({cls.__name__: cls for cls in OPTIMIZER_CLASSES.values()})
+class AdEMAMix(LayerwiseAdam):
+    """AdEMAMix: AdamW plus a slow momentum mixed in with weight mix_alpha=8 (section 2)."""
+
+    preset = "ademamix"
+
+
+class StratOpt(LayerwiseAdam):
+    """StratOpt: per-layer scale alpha_l = ||g_l|| / (gbar_l + eps), slow momentum (mix_alpha=5),
+    per-layer clipping (sections 3-5).
+    """
+
+    preset = "stratopt"
+
+
+class StratOptNoScale(LayerwiseAdam):
+    """StratOpt without the per-layer scale (alpha_l = 1): an ablation (section 4)."""
+
+    preset = "stratopt-noscale"
+
+
+class StratOptNoMix(LayerwiseAdam):
+    """StratOpt without the slow momentum (mix_alpha=0): an ablation (section 4)."""
+
+    preset = "stratopt-nomix"
+
+
+class StratOptNoClip(LayerwiseAdam):
+    """StratOpt without per-layer clipping: an ablation (section 4)."""
+
+    preset = "stratopt-noclip"
+
+
+class LALinearB1ConstClipGlobal(LayerwiseAdam):
+    """LA variant 'la-linear-b1const-clipglobal': linear per-layer scaling, beta1 const, global
+    clipping (sections 5, 6).
+    """
+
+    preset = "la-linear-b1const-clipglobal"
+
+
+class LALinearB1ConstClipLayer(LayerwiseAdam):
+    """LA variant 'la-linear-b1const-cliplayer': linear per-layer scaling, beta1 const, layer
+    clipping (sections 5, 6).
+    """
+
+    preset = "la-linear-b1const-cliplayer"
+
+
+class LALinearB1DepthClipGlobal(LayerwiseAdam):
+    """LA variant 'la-linear-b1depth-clipglobal': linear per-layer scaling, beta1 depth, global
+    clipping (sections 5, 6).
+    """
+
+    preset = "la-linear-b1depth-clipglobal"
+
+
+class LALinearB1DepthClipLayer(LayerwiseAdam):
+    """LA variant 'la-linear-b1depth-cliplayer': linear per-layer scaling, beta1 depth, layer
+    clipping (sections 5, 6).
+    """
+
+    preset = "la-linear-b1depth-cliplayer"
+
+
+class LASqrtB1ConstClipGlobal(LayerwiseAdam):
+    """LA variant 'la-sqrt-b1const-clipglobal': sqrt per-layer scaling, beta1 const, global
+    clipping (sections 5, 6).
+    """
+
+    preset = "la-sqrt-b1const-clipglobal"
+
+
+class LASqrtB1ConstClipLayer(LayerwiseAdam):
+    """LA variant 'la-sqrt-b1const-cliplayer': sqrt per-layer scaling, beta1 const, layer clipping
+    (sections 5, 6).
+    """
+
+    preset = "la-sqrt-b1const-cliplayer"
+
+
+class LASqrtB1DepthClipGlobal(LayerwiseAdam):
+    """LA variant 'la-sqrt-b1depth-clipglobal': sqrt per-layer scaling, beta1 depth, global
+    clipping (sections 5, 6).
+    """
+
+    preset = "la-sqrt-b1depth-clipglobal"
+
+
+class LASqrtB1DepthClipLayer(LayerwiseAdam):
+    """LA variant 'la-sqrt-b1depth-cliplayer': sqrt per-layer scaling, beta1 depth, layer clipping
+    (sections 5, 6).
+    """
+
+    preset = "la-sqrt-b1depth-cliplayer"
+
+
+class LAInverseB1ConstClipGlobal(LayerwiseAdam):
+    """LA variant 'la-inverse-b1const-clipglobal': inverse per-layer scaling, beta1 const, global
+    clipping (sections 5, 6).
+    """
+
+    preset = "la-inverse-b1const-clipglobal"
+
+
+class LAInverseB1ConstClipLayer(LayerwiseAdam):
+    """LA variant 'la-inverse-b1const-cliplayer': inverse per-layer scaling, beta1 const, layer
+    clipping (sections 5, 6).
+    """
+
+    preset = "la-inverse-b1const-cliplayer"
+
+
+class LAInverseB1DepthClipGlobal(LayerwiseAdam):
+    """LA variant 'la-inverse-b1depth-clipglobal': inverse per-layer scaling, beta1 depth, global
+    clipping (sections 5, 6).
+    """
+
+    preset = "la-inverse-b1depth-clipglobal"
+
+
+class LAInverseB1DepthClipLayer(LayerwiseAdam):
+    """LA variant 'la-inverse-b1depth-cliplayer': inverse per-layer scaling, beta1 depth, layer
+    clipping (sections 5, 6).
+    """
+
+    preset = "la-inverse-b1depth-cliplayer"
+
+
+OPTIMIZER_CLASSES: dict[str, type[LayerwiseAdam]] = {
+    cls.preset: cls for cls in LayerwiseAdam.__subclasses__() if cls.__module__ == __name__}
+_missing = set(PRESETS) ^ set(OPTIMIZER_CLASSES)
+assert not _missing, f"optimizer presets without a class (or classes without a preset): {_missing}"
+assert all(cls.__name__ == class_name(name) for name, cls in OPTIMIZER_CLASSES.items())
+OPTIMIZER_CLASSES = {name: OPTIMIZER_CLASSES[name] for name in PRESETS}  # the presets' order
 
 
 def register_torch_aliases() -> None:

@@ -25,8 +25,16 @@ Choices where the spec leaves room:
   learning rate and the moment weights to zero through a device flag, so weights, moments and
   the step counter stay bit-identical, and ``skipped_steps`` counts it.
 * Parameters whose ``.grad`` is None are neither measured nor updated, like ``torch.optim``.
-* States are float32 whatever the parameter dtype; a low-precision parameter is updated in
-  float32 and written back rounded.
+* States are float32 and contiguous whatever the parameter dtype and layout; a low-precision or
+  non-contiguous parameter (channels_last, transposed, a slice) is updated through a contiguous
+  float32 copy and written back (rounded), exactly as its contiguous float32 copy would step.
+* Complex parameters and sparse gradients are refused (``torch.optim.AdamW`` steps complex
+  ones as pairs of reals; the fused update has no complex path).
+* The layer statistics ride inside every ``param_groups`` entry of ``state_dict()`` (and, for
+  older readers, under a top-level ``"layer_stats"`` key): torch.distributed.checkpoint keeps
+  group entries but drops extra top-level keys.
+* ``copy.deepcopy`` / pickling keep the layer statistics; a copy is never bound to a DeepSpeed
+  ZeRO wrapper (it re-attaches in ``step()`` when a wrapper drives it).
 """
 from __future__ import annotations
 
@@ -42,16 +50,31 @@ from ..layer_map import LayerMap, local_layer_sq, whole_tensor_map
 from . import config
 from .layer_stats import LayerStats, LayerStep
 
+LAYER_STATS = "layer_stats"  # where state_dict() keeps the layer statistics
+
+
+def _refuse_complex(t: torch.Tensor, index: int, what: str = "parameter") -> None:
+    # The fused update is real-valued: it would silently zero the imaginary part.
+    if t.is_complex():
+        raise ValueError(f"{what} {index} (shape {tuple(t.shape)}, {t.dtype}) is complex: complex "
+                         "parameters are not supported by stratopt_ds optimizers; optimize the "
+                         "real view (torch.view_as_real) as a real parameter instead")
+
+
+def _steps_in_place(p: torch.Tensor) -> bool:
+    return p.dtype == torch.float32 and p.is_contiguous()
+
 
 class LayerwiseAdam(Optimizer):
     """Layer-adaptive Adam; see the module docstring. Keywords: spec section 10.
 
     ``capturable=True`` (as in ``torch.optim.Adam``): make the step safe to capture in a CUDA
-    graph for bfloat16/float16 (or float64) parameters too, by stepping them through float32
-    work buffers that live as long as the optimizer (4 bytes per such parameter, also during
-    forward and backward) instead of a ``p.float()`` per step, whose new address each step
-    would need a new kernel table inside the capture. float32 parameters are capturable either
-    way. Not a hyperparameter: it changes no result, only where the float32 values live.
+    graph for bfloat16/float16 (or float64, or non-contiguous) parameters too, by stepping them
+    through float32 work buffers that live as long as the optimizer (4 bytes per element of such
+    a parameter, also during forward and backward) instead of a float32 copy per step, whose
+    new address each step would need a new kernel table inside the capture. Contiguous float32
+    parameters are capturable either way. Not a hyperparameter: it changes no result, only where
+    the float32 values live.
     """
 
     preset: ClassVar[str] = "adamw"
@@ -86,10 +109,16 @@ class LayerwiseAdam(Optimizer):
         group = self.param_groups[-1]
         if isinstance(group.get("betas"), list):
             group["betas"] = tuple(group["betas"])
-        config.validate_group(group)
-        for p in group["params"]:
-            if p.is_sparse:
-                raise ValueError("sparse parameters are not supported")
+        try:
+            config.validate_group(group)
+            first = sum(len(g["params"]) for g in self.param_groups[:-1])
+            for k, p in enumerate(group["params"]):
+                if p.is_sparse:
+                    raise ValueError("sparse parameters are not supported")
+                _refuse_complex(p, first + k)
+        except ValueError:
+            self.param_groups.pop()  # a refused group leaves the optimizer as it was
+            raise
         if self.base_layer_map is not None:  # a group added after construction
             if self._sharding is not None:
                 raise ValueError("cannot add a parameter group to an optimizer driven by DeepSpeed ZeRO")
@@ -157,12 +186,15 @@ class LayerwiseAdam(Optimizer):
     # The step
 
     def _stepped_tensors(self):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    if p.grad.is_sparse:
-                        raise ValueError("sparse gradients are not supported")
-                    yield group, p
+        params = ((group, p) for group in self.param_groups for p in group["params"])
+        for index, (group, p) in enumerate(params):
+            if p.grad is not None:
+                if p.grad.is_sparse:
+                    raise ValueError("sparse gradients are not supported")
+                # p itself was checked when added, but .data may have been swapped since
+                _refuse_complex(p.grad, index, "the gradient of parameter")
+                _refuse_complex(p, index)
+                yield group, p
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
@@ -216,6 +248,10 @@ class LayerwiseAdam(Optimizer):
             steps = [state["step"] for state in states]
             torch._foreach_add_(steps, keep)
             p32s = self._fp32_views(ps)
+            # a contiguous bf16/fp16 parameter is written from its fp32 copy in the same pass
+            # (the kernels write flat memory); any other copy is written back below
+            outs = [p if (p32 is not p and p.dtype in HALF_DTYPES and p.is_contiguous()) else None
+                    for p, p32 in zip(ps, p32s)]
             mix = group["mix_alpha"] > 0
             # Tensors go as they are (contiguous, any shape: the ops address them flat); no
             # per-tensor views, so the host time of a step stays small with hundreds of tensors.
@@ -227,24 +263,26 @@ class LayerwiseAdam(Optimizer):
                 lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
                 weight_decay=group["weight_decay"], beta3=group["beta3"],
                 mix_alpha=group["mix_alpha"], t_alpha=group["t_alpha"], t_beta3=group["t_beta3"],
-                # a bf16/fp16 parameter is written from its fp32 copy in the same pass
-                half_out=[p if (p32 is not p and p.dtype in HALF_DTYPES) else None
-                          for p, p32 in zip(ps, p32s)])
-            for p, p32 in zip(ps, p32s):
-                if p32 is not p and p.dtype not in HALF_DTYPES:  # e.g. float64
+                half_out=outs)
+            for p, p32, out in zip(ps, p32s, outs):
+                if p32 is not p and out is None:  # float64, or a non-contiguous parameter
                     p.copy_(p32)
 
     def _fp32_views(self, ps: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Each parameter as float32: itself, or a float32 copy of a bf16/fp16/fp64 one, which the
-        fused update steps (the parameter is then written back from it, rounded). With
-        ``capturable`` the copy is a work buffer kept from step to step (see the class doc):
-        the CUDA op's tables, built by an eager step, then serve a captured one."""
+        """Each parameter as a contiguous float32 tensor, which the fused update steps (it reads
+        and writes flat memory): itself, or a copy of a bf16/fp16/fp64 or a non-contiguous one
+        (channels_last, transposed, a slice), in the same logical order as its gradient and
+        states, so it steps exactly like a contiguous float32 clone; the parameter is then
+        written back from it (rounded). With ``capturable`` the copy is a work buffer kept from
+        step to step (see the class doc): the CUDA op's tables, built by an eager step, then
+        serve a captured one."""
         if not self.capturable:
-            return [p if p.dtype == torch.float32 else p.float() for p in ps]
+            return [p if _steps_in_place(p) else
+                    torch.empty(p.shape, dtype=torch.float32, device=p.device).copy_(p) for p in ps]
         work = self.__dict__.setdefault("_fp32_work", {})  # id(p) -> (weakref to p, buffer)
         out, srcs, dsts = [], [], []
         for p in ps:
-            if p.dtype == torch.float32:
+            if _steps_in_place(p):
                 out.append(p)
                 continue
             ref, buf = work.get(id(p), (None, None))
@@ -264,16 +302,32 @@ class LayerwiseAdam(Optimizer):
     # Checkpoints
 
     def state_dict(self) -> dict[str, Any]:
+        """torch's state dict; the layer statistics (one snapshot) ride in every param_groups
+        entry, which torch.distributed.checkpoint's get/set_optimizer_state_dict keep (they drop
+        extra top-level keys; every group, as they may regroup by parameter name), and under the
+        top-level ``"layer_stats"`` key that earlier versions wrote and read."""
         state = super().state_dict()
-        state["layer_stats"] = self.layer_stats.state_dict()
+        stats = self.layer_stats.state_dict()
+        state[LAYER_STATS] = stats
+        for group in state["param_groups"]:  # packed copies: the live groups stay as they are
+            group[LAYER_STATS] = stats
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict`, also one saved before the statistics moved into the groups
+        (top-level ``"layer_stats"`` only) or one that went through torch.distributed.checkpoint
+        (groups only)."""
         state_dict = dict(state_dict)
-        if "layer_stats" not in state_dict:
-            raise ValueError("state_dict has no 'layer_stats': it was not saved by a stratopt_ds "
-                             "optimizer (keys: %s)" % sorted(state_dict))
-        stats = state_dict.pop("layer_stats")
+        top = state_dict.pop(LAYER_STATS, None)
+        groups = [dict(group) for group in state_dict.get("param_groups", [])]
+        in_groups = [group.pop(LAYER_STATS) for group in groups if LAYER_STATS in group]
+        stats = in_groups[0] if in_groups else top
+        if stats is None:
+            raise ValueError(
+                "state_dict has no 'layer_stats': it was not saved by a stratopt_ds optimizer, or "
+                "went through torch.distributed.checkpoint with flatten_optimizer_state_dict=True, "
+                "which keeps only the keys a fresh optimizer has (keys: %s)" % sorted(state_dict))
+        state_dict["param_groups"] = groups  # without the statistics, which are not group settings
         super().load_state_dict(state_dict)
         self._restore_state_dtypes(state_dict)
         self.layer_stats.load_state_dict(stats)
@@ -281,12 +335,50 @@ class LayerwiseAdam(Optimizer):
     def _restore_state_dtypes(self, state_dict: dict[str, Any]) -> None:
         """torch's ``load_state_dict`` casts every floating state to its parameter's dtype: a
         bf16 model's moments would come back rounded to bf16 (and the kernels refuse them), and
-        a step counter stays where ``map_location`` put it. Take each state tensor again from the
-        saved one, exact: moments float32 and step counters float64, on the parameter's device."""
+        a step counter stays where ``map_location`` put it, as whatever type it was saved as.
+        Take each state again from the saved one, exact: moments float32 (and contiguous, as the
+        kernels address them flat), step counters float64 0-dim tensors (torch's optimizers
+        accept a Python number or an integer tensor there, so do we), on the parameter's device."""
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
-        for saved_id, p in zip(saved_ids, params):
+        for index, (saved_id, p) in enumerate(zip(saved_ids, params)):
             for key, value in state_dict["state"].get(saved_id, {}).items():
-                if torch.is_tensor(value) and value.is_floating_point():
-                    dtype = torch.float64 if key == "step" else torch.float32
-                    self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
+                if key == "step":
+                    value = torch.as_tensor(value)
+                    if value.numel() != 1:
+                        raise ValueError(f"state of parameter {index}: 'step' has {value.numel()} "
+                                         "elements, expected one number")
+                    self.state[p][key] = value.to(p.device, torch.float64, copy=True).reshape(())
+                elif torch.is_tensor(value) and value.is_floating_point():
+                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True,
+                                                  memory_format=torch.contiguous_format)
+
+    # ----------------------------------------------------------------------------------------
+    # Copies (copy.deepcopy, pickle, torch.save of the optimizer object)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch keeps only defaults, state and param_groups; the layer statistics and settings
+        # must travel too. The layer map is keyed by tensor identity, so the copy rebuilds it for
+        # its own (copied) parameters. A DeepSpeed ZeRO binding is not copied: under ZeRO the
+        # groups hold DeepSpeed's flat partitions, so the map of the model's own parameters (by
+        # identity, valid in this process) is kept as it is, and the copy re-attaches in step()
+        # to whichever wrapper drives it.
+        state = super().__getstate__()
+        state.update(capturable=self.capturable, layer_options=self.layer_options,
+                     layer_stats=self.layer_stats, last_step=self.last_step)
+        params = [p for group in self.param_groups for p in group["params"]]
+        if not all(id(p) in self.base_layer_map.fragments for p in params):  # ZeRO's partitions
+            state.update(base_layer_map=self.base_layer_map, param_name=self.param_name)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "layer_options" not in state:  # torch's load_state_dict sets state and groups this way
+            return
+        self._sharding = None
+        if "base_layer_map" in state:
+            self.layer_map = self.base_layer_map
+            self._init_layer_stats(self.layer_stats.gbar.device)  # carries the statistics over
+        else:
+            self.base_layer_map = None
+            self._build_layer_map()  # carries the statistics over

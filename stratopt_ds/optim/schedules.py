@@ -1,4 +1,4 @@
-"""Warm-up schedules of the slow momentum (spec section 2), on tensors so the step needs no sync."""
+"""Warm-up schedules of the slow momentum (docs/ALGORITHMS.md section 2), on tensors so the step needs no sync."""
 from __future__ import annotations
 
 import math

@@ -25,13 +25,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
-from torch import nn
 
-from .. import models
-from ..deepspeed import optimizer_clips
-from .. import data
+from .. import data, models, run_policy
 from ..data import MIN_BPE_VOCAB, NAMED_SOURCES
-from ..optim import available_optimizers, create_optimizer, preset_defaults
+from ..optim import available_optimizers, preset_defaults
 
 
 class PlanError(ValueError):
@@ -282,7 +279,10 @@ def _opt_args(optimizer: str, raw: Any, where: str) -> dict[str, Any]:
     allowed = sorted(k for k in preset_defaults(optimizer) if k != "lr")
     for key in raw:
         if key == "lr":
-            raise PlanError(f"{where}.lr: set the learning rate with the train option 'lr'")
+            try:
+                run_policy.refuse_lr_in_args(raw, where, "the train option 'lr'")
+            except ValueError as e:
+                raise PlanError(str(e)) from None
         if key not in allowed:
             raise PlanError(f"{where}: unknown hyperparameter {key!r} for {optimizer}; "
                             f"allowed: {', '.join(allowed)}")
@@ -375,13 +375,12 @@ def _check_run(run: Run, check_files: bool) -> None:
                         f"(got {'both' if 'steps' in opts else 'neither'})")
     if check_files:
         _check_data(run, where)
-    try:  # the optimizer's own checks (ranges, enum values), on a throw-away module
-        probe = create_optimizer(run.optimizer, nn.Linear(1, 1), **run.opt_args,
-                                 lr=opts.get("lr", 1e-3))
-    except (ValueError, TypeError) as e:
+    try:  # the run policy's checks of the optimizer keywords (ranges, enum values)
+        clip_mode = run_policy.check_optimizer(run.optimizer, {**run.opt_args, "lr": opts.get("lr", 1e-3)})
+    except ValueError as e:
         raise PlanError(f"arms '{run.arm}'.opt_args: {e}") from None
     if run.deepspeed is not None and check_files:
-        _check_deepspeed_batch(run, where, optimizer_clips(probe)[0])
+        _check_deepspeed_batch(run, where, clip_mode)
 
 
 def _check_data(run: Run, where: str) -> None:
@@ -415,20 +414,22 @@ def _check_data(run: Run, where: str) -> None:
                         f"larger store (--max-tokens) or give train.epochs")
 
 
-def _check_deepspeed_batch(run: Run, where: str, clips: bool) -> None:
-    """``clips``: the arm's optimizer clips its own gradients."""
+def _check_deepspeed_batch(run: Run, where: str, clip_mode: str) -> None:
+    """``clip_mode``: the clip mode of the arm's optimizer (the run policy's clipping rule)."""
     config = json.loads(Path(run.deepspeed.config).read_text())
     gas = int(config.get("gradient_accumulation_steps", 1))
     batch = run.train.get("batch_size")
     if batch is None:
         raise PlanError(f"{where}: a deepspeed size needs train option batch_size (the global "
                         f"batch = micro-batch x accumulation x GPUs)")
-    if batch % (gas * run.deepspeed.num_gpus):
-        raise PlanError(f"{where}: batch_size {batch} is not divisible by gradient_accumulation"
-                        f"_steps x num_gpus = {gas} x {run.deepspeed.num_gpus}")
-    if clips and config.get("gradient_clipping"):
-        raise PlanError(f"{where}: {run.deepspeed.config} sets gradient_clipping and "
-                        f"{run.optimizer} clips itself; that would clip twice")
+    try:
+        run_policy.check_batch_split(batch, run.deepspeed.num_gpus, gas, setting="batch_size")
+    except ValueError as e:
+        raise PlanError(f"{where}: {e}") from None
+    try:
+        run_policy.engine_clipping(config.get("gradient_clipping"), clip_mode)
+    except ValueError as e:
+        raise PlanError(f"{where}: {run.deepspeed.config}: {e}") from None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The ZeRO partition map and the per-layer norm reduction (spec section 8)."""
+"""The ZeRO partition map and the per-layer norm reduction (docs/ALGORITHMS.md section 8)."""
 from .binding import ZeroBinding, attach, find_wrapper
 from .partition_map import UnsupportedZeroSetting
 from .reduction import LayerSqAllReduce

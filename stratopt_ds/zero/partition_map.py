@@ -1,4 +1,4 @@
-"""Layer maps over DeepSpeed's flat fp32 partitions, for every ZeRO wrapper (spec section 8).
+"""Layer maps over DeepSpeed's flat fp32 partitions, for every ZeRO wrapper (docs/ALGORITHMS.md section 8).
 
 Under ZeRO the inner optimizer steps one flat fp32 tensor per parameter group (stage 1/2, the
 bf16 optimizer) or per sub-group (stage 3). Each flat tensor holds a contiguous run of one or

@@ -1,0 +1,156 @@
+"""The run policy: one clipping rule, the same outcome from every entry point.
+
+Each entry point gets the same requests (an optimizer's clip mode x the engine's global clip
+setting) through its own front door: the ``stratopt-train`` argument check, ``stratopt_ds.
+deepspeed.initialize`` (up to the call into DeepSpeed), the HF ``StratTrainingArguments``, the
+accelerate plugin, and a study plan. A refused request is refused by all of them, naming both
+settings; an accepted one gives the engine the same global clip everywhere (the study only
+checks, so it contributes the verdict alone).
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import stratopt_ds
+from stratopt_ds import run_policy, train
+from stratopt_ds.accelerate import deepspeed_plugin
+from stratopt_ds.study.plan import parse_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = json.loads((ROOT / "ds_configs" / "tiny_zero2_cpu.json").read_text())
+REFUSED = "conflicting clipping"
+
+
+def _config(tmp_path, clip, engine_clip, with_optimizer=True) -> tuple[dict, Path]:
+    config = copy.deepcopy(SHIPPED)
+    config.pop("gradient_clipping")
+    if engine_clip is not None:
+        config["gradient_clipping"] = engine_clip
+    if with_optimizer:
+        config["optimizer"]["params"]["clip"] = clip
+    else:
+        config.pop("optimizer")
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+    return config, path
+
+
+def via_train(tmp_path, clip, engine_clip, capsys):
+    _, path = _config(tmp_path, clip, engine_clip)
+    try:
+        args = train.parse_args(["--deepspeed_config", str(path), "--data", "synthetic", "--steps", "2",
+                                 "--batch-size", "16", "--preset", "tiny"])
+    except SystemExit:
+        return "refused", capsys.readouterr().err
+    return args.ds_config["gradient_clipping"], ""
+
+
+def via_deepspeed_initialize(tmp_path, clip, engine_clip, capsys, monkeypatch):
+    import deepspeed
+
+    seen = {}
+
+    def fake_initialize(**kwargs):  # the call into DeepSpeed: record what it would get
+        seen.update(kwargs["config"])
+        raise RuntimeError("stop before DeepSpeed")
+
+    monkeypatch.setattr(deepspeed, "initialize", fake_initialize)
+    config, _ = _config(tmp_path, clip, engine_clip)
+    config["optimizer"]["type"] = "stratopt"
+    try:
+        stratopt_ds.deepspeed.initialize(model=torch.nn.Linear(3, 3), config=config)
+    except ValueError as e:
+        return "refused", str(e)
+    except RuntimeError as e:
+        assert "stop before DeepSpeed" in str(e)
+    return seen["gradient_clipping"], ""
+
+
+def via_hf(tmp_path, clip, engine_clip, capsys):
+    from stratopt_ds.hf import StratTrainingArguments
+
+    config = json.loads((ROOT / "ds_configs" / "hf" / "zero2.json").read_text())
+    config.pop("gradient_clipping", None)
+    if engine_clip is not None:
+        config["gradient_clipping"] = engine_clip
+    try:
+        args = StratTrainingArguments(output_dir=str(tmp_path), report_to="none", deepspeed=config,
+                                      optim="stratopt", optim_args=f"clip={clip}")
+    except ValueError as e:
+        return "refused", str(e)
+    return args.max_grad_norm, ""
+
+
+def via_accelerate(tmp_path, clip, engine_clip, capsys):
+    config, _ = _config(tmp_path, clip, engine_clip, with_optimizer=False)
+    optimizer = stratopt_ds.create_optimizer("stratopt", torch.nn.Linear(3, 3), clip=clip)
+    try:
+        plugin = deepspeed_plugin(config, optimizer)
+    except ValueError as e:
+        return "refused", str(e)
+    return plugin.deepspeed_config["gradient_clipping"], ""
+
+
+def via_study(tmp_path, clip, engine_clip, capsys):
+    _, path = _config(tmp_path, clip, engine_clip)
+    raw = yaml.safe_load((ROOT / "stratopt_ds" / "study" / "plans" / "ci_tiny.yaml").read_text())
+    raw["sizes"]["tiny"]["deepspeed"] = {"config": str(path), "num_gpus": 2}
+    raw["arms"] = [{"name": "ours", "optimizer": "stratopt", "opt_args": {"clip": clip}}]
+    raw["baseline"] = "ours"
+    try:
+        parse_plan(raw)
+    except ValueError as e:
+        return "refused", str(e)
+    return "accepted", ""
+
+
+ENTRY_POINTS = {"stratopt-train": via_train, "deepspeed.initialize": via_deepspeed_initialize,
+                "hf": via_hf, "accelerate": via_accelerate, "study": via_study}
+
+# (optimizer clip mode, the engine's global clip as configured) -> the engine's clip, or refused
+CASES = [
+    ("layer", 1.0, "refused"),
+    ("global", 0.3, "refused"),
+    ("layer", None, 0.0),   # silent config: the default 1.0 is turned off for a self-clipping optimizer
+    ("layer", 0.0, 0.0),
+    ("none", None, 1.0),    # DeepSpeed's default
+    ("none", 0.5, 0.5),
+]
+
+
+@pytest.mark.parametrize("clip,engine_clip,expected", CASES, ids=[f"{c}-{e}" for c, e, _ in CASES])
+def test_every_entry_point_applies_the_one_clipping_rule(tmp_path, capsys, monkeypatch, clip, engine_clip,
+                                                         expected):
+    outcomes = {}
+    for name, entry in ENTRY_POINTS.items():
+        kwargs = {"monkeypatch": monkeypatch} if entry is via_deepspeed_initialize else {}
+        where = tmp_path / name.replace(".", "_")
+        where.mkdir()
+        outcomes[name] = entry(where, clip, engine_clip, capsys, **kwargs)
+    for name, (value, message) in outcomes.items():
+        if expected == "refused":
+            assert value == "refused", f"{name} accepted clip={clip} with a global clip {engine_clip}"
+            assert REFUSED in message and f"clip={clip!r}" in message, (name, message)
+        elif name == "study":
+            assert value == "accepted", (name, message)
+        else:
+            assert value == expected, (name, value, message)
+
+
+def test_the_rule_itself():
+    assert run_policy.engine_clipping("auto", "layer")[0] == 0.0
+    with pytest.raises(run_policy.PolicyError, match=r"gradient_clipping=-1: expected a number >= 0"):
+        run_policy.engine_clipping(-1, "none")
+    with pytest.raises(run_policy.PolicyError, match="set the learning rate with --lr"):
+        run_policy.refuse_lr_in_args({"lr": 1.0}, "--opt-args", "--lr")
+    assert run_policy.check_optimizer("la-sqrt-b1depth-cliplayer", {}) == "layer"
+    with pytest.raises(run_policy.PolicyError, match="unknown optimizer 'nope'"):
+        run_policy.check_optimizer("nope", {})
+    with pytest.raises(ValueError, match=r"invalid clip='sometimes'"):
+        run_policy.check_optimizer("stratopt", {"clip": "sometimes"})
