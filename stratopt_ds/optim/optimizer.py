@@ -83,12 +83,8 @@ class LayerwiseAdam(Optimizer):
         if not isinstance(capturable, bool):
             raise ValueError(f"capturable={capturable!r}: expected True or False")
         self.capturable = capturable
-        preset = config.preset_defaults(self.preset)
-        group_kw, layer_kw = config.split_keywords(hyperparams)
-        defaults = {k: preset[k] for k in config.GROUP_DEFAULTS} | group_kw
-        self.layer_options = {k: preset[k] for k in config.LAYER_DEFAULTS} | layer_kw
-        config.validate_layer_options(self.layer_options)
-        config.validate_group(defaults)
+        # the same resolution the run policy checks requests with (no optimizer built there)
+        defaults, self.layer_options = config.resolve_keywords(self.preset, hyperparams)
         self.layer_map: Optional[LayerMap] = None       # the map step() uses
         self.base_layer_map: Optional[LayerMap] = None  # whole tensors, as built
         self._sharding = None                           # a ZeroBinding under DeepSpeed ZeRO
