@@ -278,7 +278,7 @@ def worker(tmp_path_factory):
 @pytest.mark.dist
 def test_script_trains_on_the_shipped_zero2_config(worker):
     """`deepspeed launch/hf_train.py --deepspeed ds_configs/tiny_zero2_cpu.json --optim stratopt ...`,
-    as the README has it; the config's StratOpt section is translated (trap 2, handled)."""
+    as docs/DEEPSPEED_HF_ACCELERATE.md has it; the config's StratOpt section is translated (trap 2, handled)."""
     summary = worker["script_cli"]
     assert summary["optim"] == "stratopt" and summary["zero_stage"] == 2
     assert_ours_with_two_groups(summary)

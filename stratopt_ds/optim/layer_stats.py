@@ -3,7 +3,7 @@
 Input per step: the per-layer sums of squares of the gradient, already summed over all ranks.
 Output: per-layer clip coefficients and scales ``alpha_l`` for the elementwise update.
 
-Choices where the spec leaves room (documented here, see also the README):
+Choices where the spec leaves room (documented here, see also docs/OPTIMIZERS.md):
 
 * The per-layer scalars (``n_l``, ``gbar_l``, ``r_l``, ``alpha_l``, clip coefficients) are
   kept in float64. They are L-length vectors, so this costs nothing, and it removes one rounding
