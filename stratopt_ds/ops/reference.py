@@ -22,7 +22,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ..optim.schedules import beta3_at, mix_alpha_at
+from .schedules import beta3_at, mix_alpha_at
 
 FragRows = Sequence[Sequence[int]]  # rows (tensor, start, length, layer)
 

@@ -1,4 +1,4 @@
-"""The optimizer maths: presets, layer statistics, schedules and the update (spec 1-7, 9, 10)."""
+"""The optimizer maths: presets, layer statistics and the update (docs/ALGORITHMS.md 1-7, 9, 10)."""
 from .config import PRESETS, preset_defaults
 from .factory import available_optimizers, create_optimizer, named_param_groups
 from .layer_stats import LayerStats, LayerStep
