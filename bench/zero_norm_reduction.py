@@ -44,7 +44,6 @@ def worker(out: str, steps: int, warmup: int) -> None:
     import torch.distributed as dist
 
     sys.path.insert(0, str(ROOT))
-    import stratopt_ds.optim.optimizer as optimizer_module
     from stratopt_ds import create_optimizer, models
     from stratopt_ds.deepspeed import release_cpu_comm_shm
     from stratopt_ds.zero import binding, reduction
@@ -53,7 +52,7 @@ def worker(out: str, steps: int, warmup: int) -> None:
     release_cpu_comm_shm()
     rank, world = dist.get_rank(), dist.get_world_size()
     watch = Stopwatch()
-    optimizer_module.local_layer_sq = watch.wrap(optimizer_module.local_layer_sq)
+    binding.local_layer_sq = watch.wrap(binding.local_layer_sq)  # the ZeRO strategy's local sums
     binding.ZeroBinding.add_pending = watch.wrap(binding.ZeroBinding.add_pending)
     reduction.LayerSqAllReduce.__call__ = watch.wrap(reduction.LayerSqAllReduce.__call__)
 

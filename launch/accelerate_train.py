@@ -96,7 +96,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                "inner_optimizer": type(inner).__name__, "inner_is_ours": inner is optimizer,
                "groups": [{"weight_decay": g["weight_decay"], "num_names": len(g["param_names"])}
                           for g in inner.param_groups],
-               "bound": inner._sharding is not None, "gradient_clipping": engine.gradient_clipping()}
+               "bound": not inner.sharding.is_local, "gradient_clipping": engine.gradient_clipping()}
     if args.out and accelerator.is_main_process:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "summary.json"), "w") as fh:

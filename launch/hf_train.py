@@ -91,7 +91,7 @@ def summarize(trainer: StratTrainer) -> dict[str, Any]:
         "inner_optimizer": type(inner).__name__,
         "groups": [{"weight_decay": g["weight_decay"], "num_names": len(g.get("param_names", []))}
                    for g in inner.param_groups],
-        "bound": getattr(inner, "_sharding", None) is not None,
+        "bound": not getattr(getattr(inner, "sharding", None), "is_local", True),
         "gradient_clipping": engine.gradient_clipping() if hasattr(engine, "gradient_clipping") else None,
     }
 

@@ -163,8 +163,10 @@ def bind_prepared(model: Any, optimizer: Optional[LayerwiseAdam] = None):
                     "is false (stratopt_ds.accelerate.deepspeed_plugin sets it)")
         raise RuntimeError(f"DeepSpeed steps {type(inner).__name__}, not the stratopt_ds optimizer "
                            f"passed to accelerator.prepare{hint}")
-    if inner._sharding is not None or engine.optimizer is inner:
-        return inner._sharding
+    if not inner.sharding.is_local:
+        return inner.sharding
+    if engine.optimizer is inner:  # ZeRO stage 0: DeepSpeed steps our optimizer on whole tensors
+        return None
     from .zero import attach
     return attach(inner, engine.optimizer)
 

@@ -7,8 +7,8 @@ contiguous run ``[start, start+length)`` of the flattened tensor that belongs to
 * Single process / ZeRO stage 0: every tensor is one fragment (``granularity="tensor"``) or
   belongs with the other tensors of its transformer block to one layer (``"block"``).
 * ZeRO 1/2/3 (``stratopt_ds.zero``): the tensors are flat fp32 partitions, each holding
-  fragments of many layers; the map is built from DeepSpeed's partition bookkeeping and a
-  ``reduce`` callable all-reduces the per-layer partial sums across ranks.
+  fragments of many layers; the map is built from DeepSpeed's partition bookkeeping. Summing
+  and all-reducing per layer is the sharding strategy's job (:mod:`stratopt_ds.sharding`).
 
 Layer ids are global: every rank numbers the layers of the whole model the same way, also
 layers it holds no element of.
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 
@@ -26,9 +26,6 @@ _BLOCK_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
 
 # Depth of tensors that sit outside any block (embeddings, final norm, head), docs/ALGORITHMS.md section 6.
 OUTSIDE_BLOCK_DEPTH = 0.5
-
-NormReducer = Callable[[torch.Tensor], torch.Tensor]
-
 
 def block_index(name: str) -> Optional[int]:
     """The transformer-block index of a parameter name, or None outside blocks."""
@@ -95,7 +92,6 @@ class LayerMap:
 
     layout: LayerLayout
     fragments: dict[int, list[Fragment]] = field(default_factory=dict)
-    reduce: Optional[NormReducer] = None  # sums per-layer partial sums across ranks
     _rows_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -132,18 +128,3 @@ def whole_tensor_map(params: Iterable[torch.Tensor], names: Sequence[str],
     layout = layer_layout(names, granularity)
     frags = {id(p): [Fragment(0, p.numel(), layout.layer_of[n])] for p, n in zip(params, names)}
     return LayerMap(layout, frags)
-
-
-def local_layer_sq(layer_map: LayerMap, tensors_and_grads: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                   device: torch.device) -> torch.Tensor:
-    """Per-layer sums of squares of the local gradient fragments, as a float64 vector of length L.
-
-    The sums are taken by :func:`stratopt_ds.ops.fragment_sumsq` (native kernel or PyTorch
-    reference, by device): fp64 per layer, added over the fragments in order, never scattered.
-    Layers with no local fragment stay 0.
-    """
-    from .ops import fragment_sumsq  # late: stratopt_ds.ops imports the optimizer's schedules
-
-    pairs = list(tensors_and_grads)
-    rows = layer_map.rows_of([tensor for tensor, _ in pairs])
-    return fragment_sumsq([grad for _, grad in pairs], rows, layer_map.num_layers, device)

@@ -395,8 +395,7 @@ class DeepSpeedRun:
 
 def norm_reducer(opt):
     """The per-layer norm all-reduce of a ZeRO-bound optimizer (None on one process)."""
-    sharding = getattr(opt, "_sharding", None)
-    return getattr(sharding, "reducer", None)
+    return getattr(opt.sharding, "reducer", None)
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:

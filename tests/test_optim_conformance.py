@@ -81,9 +81,9 @@ def test_a_copy_does_not_keep_a_zero_binding():
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     for group in opt.param_groups:
         group["params"] = [flat] if group is opt.param_groups[0] else []
-    opt._sharding = threading.Lock()  # stands for a binding: neither copyable nor picklable
+    opt.sharding = threading.Lock()  # stands for a binding: neither copyable nor picklable
     copied = copy.deepcopy(opt)
-    assert copied._sharding is None
+    assert copied.sharding.is_local
     assert copied.base_layer_map.fragments.keys() == opt.base_layer_map.fragments.keys()
     assert copied.param_name == opt.param_name
     assert torch.equal(copied.layer_stats.count, opt.layer_stats.count)

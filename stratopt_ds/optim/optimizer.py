@@ -46,7 +46,8 @@ from torch.optim import Optimizer
 
 from .. import ops
 from ..ops.dispatch import HALF_DTYPES  # written by the fused update itself
-from ..layer_map import LayerMap, local_layer_sq, whole_tensor_map
+from ..layer_map import LayerMap, whole_tensor_map
+from ..sharding import LocalSharding
 from . import config
 from .layer_stats import LayerStats, LayerStep
 
@@ -85,9 +86,10 @@ class LayerwiseAdam(Optimizer):
         self.capturable = capturable
         # the same resolution the run policy checks requests with (no optimizer built there)
         defaults, self.layer_options = config.resolve_keywords(self.preset, hyperparams)
-        self.layer_map: Optional[LayerMap] = None       # the map step() uses
         self.base_layer_map: Optional[LayerMap] = None  # whole tensors, as built
-        self._sharding = None                           # a ZeroBinding under DeepSpeed ZeRO
+        # where a step's per-layer sums of squares come from (stratopt_ds.sharding): local, or
+        # a ZeroBinding under DeepSpeed ZeRO
+        self.sharding: Any = None
         self.layer_stats: Optional[LayerStats] = None
         self.last_step: Optional[LayerStep] = None
         super().__init__(params, defaults)
@@ -116,7 +118,7 @@ class LayerwiseAdam(Optimizer):
             self.param_groups.pop()  # a refused group leaves the optimizer as it was
             raise
         if self.base_layer_map is not None:  # a group added after construction
-            if self._sharding is not None:
+            if not self.sharding.is_local:
                 raise ValueError("cannot add a parameter group to an optimizer driven by DeepSpeed ZeRO")
             self._build_layer_map()
 
@@ -142,15 +144,21 @@ class LayerwiseAdam(Optimizer):
         layer_map = whole_tensor_map(params, names, self.layer_options["granularity"])
         self.param_name = {id(p): n for p, n in zip(params, names)}  # for sharded checkpoints
         device = params[0].device if params else torch.device("cpu")
-        self.base_layer_map = self.layer_map = layer_map
+        self.base_layer_map = layer_map
+        self.sharding = LocalSharding(layer_map)
         self._init_layer_stats(device)
+
+    @property
+    def layer_map(self) -> LayerMap:
+        """The map of the tensors ``step()`` updates: the sharding strategy's."""
+        return self.sharding.layer_map
 
     def bind_sharding(self, binding) -> None:
         """Step flat partitions through ``binding`` (a :class:`stratopt_ds.zero.ZeroBinding`).
 
         The layer numbering is the optimizer's own, so the statistics carry over unchanged."""
         assert binding.layer_map.num_layers == self.layer_stats.num_layers
-        self._sharding, self.layer_map = binding, binding.layer_map
+        self.sharding = binding
 
     def _init_layer_stats(self, device: torch.device) -> None:
         """(Re)create the layer statistics; they carry over when the numbering only grows."""
@@ -200,19 +208,13 @@ class LayerwiseAdam(Optimizer):
                 loss = closure()
         stepped = list(self._stepped_tensors())
         ids = {id(p) for _, p in stepped}
-        if self._sharding is None and any(i not in self.layer_map.fragments for i in ids):
-            from ..zero import attach  # DeepSpeed replaced our tensors by flat partitions
+        if self.sharding.is_local and any(i not in self.layer_map.fragments for i in ids):
+            from ..zero import attach  # DeepSpeed replaced our tensors by flat partitions, unbound
             attach(self)
-        sharding = self._sharding
         # Under ZeRO the inner step runs once per group; the norms of all groups are taken
         # (with one all-reduce) at the first call of each engine step and reused by the rest.
-        if sharding is None or sharding.starts_step(ids):
-            layer_sq = local_layer_sq(self.layer_map, ((p, p.grad) for _, p in stepped),
-                                      self.layer_stats.gbar.device)
-            if sharding is not None:
-                sharding.add_pending(ids, layer_sq)
-            if self.layer_map.reduce is not None:
-                layer_sq = self.layer_map.reduce(layer_sq)
+        if self.sharding.starts_step(ids):
+            layer_sq = self.sharding.layer_sq(((p, p.grad) for _, p in stepped), self.layer_stats.gbar.device)
             self.last_step = self.layer_stats.advance(layer_sq)
         self._update(stepped, self.last_step)
         return loss
@@ -371,9 +373,8 @@ class LayerwiseAdam(Optimizer):
         super().__setstate__(state)
         if "layer_options" not in state:  # torch's load_state_dict sets state and groups this way
             return
-        self._sharding = None
         if "base_layer_map" in state:
-            self.layer_map = self.base_layer_map
+            self.sharding = LocalSharding(self.base_layer_map)
             self._init_layer_stats(self.layer_stats.gbar.device)  # carries the statistics over
         else:
             self.base_layer_map = None

@@ -15,15 +15,19 @@ optimizer actually steps with.
 from __future__ import annotations
 
 import gc
+import logging
 from typing import Optional
 
 import torch
 
 from ..layer_map import LayerMap
 from ..ops import fragment_sumsq
+from ..sharding import local_layer_sq
 from .partition_map import (Slot, UnsupportedZeroSetting, bf16_optimizer_slots, pending_rows,
                             stage12_slots, stage3_slots)
 from .reduction import LayerSqAllReduce
+
+logger = logging.getLogger(__name__)
 
 _CLIP_EPS = 1e-6  # DeepSpeed's: clip = (norm + 1e-6) / clip_grad
 
@@ -80,8 +84,7 @@ class ZeroBinding:
         make = {"stage12": stage12_slots, "stage3": stage3_slots, "bf16": bf16_optimizer_slots}[kind]
         self.slots: list[Slot] = make(wrapper, layer_of)
         self.reducer = LayerSqAllReduce(self._dp_group(), enabled=reduce_enabled)
-        self.layer_map = LayerMap(base_map.layout, {id(s.flat): s.fragments for s in self.slots},
-                                  reduce=self.reducer)
+        self.layer_map = LayerMap(base_map.layout, {id(s.flat): s.fragments for s in self.slots})
 
     def _check_settings(self) -> None:
         w = self.wrapper
@@ -104,7 +107,17 @@ class ZeroBinding:
             return groups[0] if groups else w.dp_process_group
         return w.dp_process_group
 
-    # The protocol LayerwiseAdam.step() uses ---------------------------------------------------
+    # The sharding protocol LayerwiseAdam.step() uses (stratopt_ds.sharding) ------------------
+
+    is_local = False
+
+    def layer_sq(self, pairs, device: torch.device) -> torch.Tensor:
+        """The step's per-layer sums of squares: the fragments in hand, the groups still waiting,
+        then one all-reduce of the length-L vector over the data-parallel group."""
+        pairs = list(pairs)
+        layer_sq = local_layer_sq(self.layer_map, pairs, device)
+        self.add_pending({id(p) for p, _ in pairs}, layer_sq)
+        return self.reducer(layer_sq)
 
     def starts_step(self, current_ids: set[int]) -> bool:
         """True at the first inner call of an engine step (or when all slots come at once)."""
@@ -140,8 +153,17 @@ class ZeroBinding:
 
 
 def attach(optimizer, wrapper=None, reduce_enabled: bool = True) -> ZeroBinding:
-    """Attach ``optimizer`` to ``wrapper`` (looked up when not given)."""
-    wrapper = wrapper if wrapper is not None else find_wrapper(optimizer)
+    """Bind ``optimizer`` to the ZeRO ``wrapper`` that drives it (``optimizer.sharding``).
+
+    Entry points pass the wrapper. Without one (a bare ``deepspeed.initialize``, at the first
+    step) it is found by reference lookup, and the log says so."""
+    if wrapper is None:
+        wrapper = find_wrapper(optimizer)
+        if wrapper is not None:
+            logger.warning("stratopt_ds: %s is driven by DeepSpeed's %s but was not bound to it; bound it "
+                           "by reference lookup. Bind explicitly: stratopt_ds.deepspeed.initialize, or "
+                           "stratopt_ds.zero.attach(optimizer, engine.optimizer)",
+                           type(optimizer).__name__, type(wrapper).__name__)
     if wrapper is None:
         raise UnsupportedZeroSetting("the optimizer is asked to step tensors it was not built with, and "
                                      "no DeepSpeed ZeRO wrapper drives it; build the optimizer from the "

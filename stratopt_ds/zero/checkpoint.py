@@ -26,8 +26,8 @@ FORMAT = "stratopt-sharded-1"
 
 def _binding(engine):
     optimizer = engine.basic_optimizer
-    sharding = getattr(optimizer, "_sharding", None)
-    if sharding is None:
+    sharding = optimizer.sharding
+    if sharding.is_local:
         from .binding import attach
         sharding = attach(optimizer, engine.optimizer)
     return optimizer, sharding

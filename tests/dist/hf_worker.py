@@ -93,7 +93,7 @@ def client_optimizer_case(out: str) -> dict:
     inner = trainer.model_wrapped.basic_optimizer
     return {"inner_is_client": inner is opt, "inner_optimizer": type(inner).__name__,
             "lrs": [g["lr"] for g in inner.param_groups], "steps": int(opt.layer_stats.count.max()),
-            "scheduler_is_client": trainer.lr_scheduler is sched, "bound": inner._sharding is not None,
+            "scheduler_is_client": trainer.lr_scheduler is sched, "bound": not inner.sharding.is_local,
             "groups": len(inner.param_groups)}
 
 
