@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import stratopt_ds  # noqa: E402
-from stratopt_ds import models, plan  # noqa: E402
+from stratopt_ds import memory, models  # noqa: E402
 from stratopt_ds.ops import builder, use_backend  # noqa: E402
 
 
@@ -64,7 +64,7 @@ def layout(preset: str, layers: int | None = None) -> list[tuple[str, tuple[int,
     shapes.append(("model.norm.weight", (d,)))
     if not p["tie_word_embeddings"]:
         shapes.append(("lm_head.weight", (vocab, d)))
-    cfg = plan.preset_shape(preset)
+    cfg = memory.preset_shape(preset)
     cfg.num_hidden_layers = p["num_hidden_layers"]
     total = sum(torch.Size(s).numel() for _, s in shapes)
     assert total == models.count_parameters(cfg), (total, models.count_parameters(cfg))

@@ -3,7 +3,7 @@
 A preset is a plain dict of ``transformers.LlamaConfig`` keywords plus a few training defaults
 (``lr``, ``batch_size``, ``seq_len``). The parameter count of a preset is computed from the
 config alone (:func:`count_parameters`), so ``1b`` can be sized without allocating 4 GB; ``3b``
-and ``7b`` exist for the memory planner (:mod:`stratopt_ds.plan`) and are never built here.
+and ``7b`` exist for the memory planner (:mod:`stratopt_ds.memory`) and are never built here.
 
 The names are the parameter counts at the preset's own vocabulary; a different tokenizer changes
 the embedding size (``build_model(..., vocab_size=...)``).
@@ -15,7 +15,7 @@ from typing import Any, Optional
 # Keys of a preset that are training defaults, not LlamaConfig keywords.
 TRAIN_KEYS = ("lr", "batch_size", "seq_len", "pad_vocab_to")
 
-PRESETS: dict[str, dict[str, Any]] = {
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # A few hundred thousand parameters at a byte vocabulary: 20 steps take seconds on a CPU.
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=4, intermediate_size=172, vocab_size=257,
@@ -37,7 +37,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                num_key_value_heads=8, intermediate_size=5376, vocab_size=32000,
                tie_word_embeddings=False,
                lr=3e-4, batch_size=8, seq_len=2048, pad_vocab_to=64),
-    # Planning-only shapes (python -m stratopt_ds.plan): nothing here or in the tests builds them.
+    # Planning-only shapes (python -m stratopt_ds.memory): nothing here or in the tests builds them.
     # 3.43B: the OpenLLaMA-3B shape.
     "3b": dict(hidden_size=3200, num_hidden_layers=26, num_attention_heads=32,
                num_key_value_heads=32, intermediate_size=8640, vocab_size=32000,
@@ -56,9 +56,9 @@ NOMINAL_PARAMS = {"134m": 134e6, "500m": 500e6, "1b": 1e9, "3b": 3.43e9, "7b": 6
 
 def preset(name: str) -> dict[str, Any]:
     """A copy of preset ``name``; an unknown name raises ValueError listing the known ones."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; available: {', '.join(PRESETS)}")
-    return dict(PRESETS[name])
+    if name not in MODEL_PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; available: {', '.join(MODEL_PRESETS)}")
+    return dict(MODEL_PRESETS[name])
 
 
 def padded_vocab(vocab_size: int, multiple: int) -> int:

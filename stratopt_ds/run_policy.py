@@ -2,7 +2,7 @@
 
 Every entry point asks here: ``stratopt-train`` (:mod:`stratopt_ds.train`),
 :func:`stratopt_ds.deepspeed.initialize` and :func:`~stratopt_ds.deepspeed.prepare_config`, the
-HF Trainer integration (:mod:`stratopt_ds.hf`), accelerate (:mod:`stratopt_ds.accelerate`) and
+HF Trainer integration (:mod:`stratopt_ds.integrations.hf`), accelerate (:mod:`stratopt_ds.integrations.accelerate`) and
 the study plans (:mod:`stratopt_ds.study.plan`). They differ only in how they word where a
 setting came from (``where``) and how they report a refusal (a parser error, a PlanError, a
 ValueError).
@@ -64,10 +64,10 @@ def refuse_lr_in_args(hyperparams: dict[str, Any], where: str, lr_setting: str) 
 def check_optimizer(name: str, hyperparams: dict[str, Any]) -> str:
     """Validate optimizer ``name`` with ``hyperparams`` (its keyword ranges and choices, as its
     constructor would); return its clip mode ('none', 'global' or 'layer')."""
-    from .optim import PRESETS  # the optimizer presets table
+    from .optim import OPTIMIZER_PRESETS  # the optimizer presets table
 
-    if name not in PRESETS:
-        raise PolicyError(f"unknown optimizer {name!r}; available: {', '.join(PRESETS)}")
+    if name not in OPTIMIZER_PRESETS:
+        raise PolicyError(f"unknown optimizer {name!r}; available: {', '.join(OPTIMIZER_PRESETS)}")
     hyperparams = dict(hyperparams)
     capturable = hyperparams.pop("capturable", False)  # a constructor switch, not a hyperparameter
     if not isinstance(capturable, bool):

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from . import checkpoints, data, models, run_policy
+from . import data, models, resume, run_policy
 from .metrics import MetricsLog, finite_or_none, optimizer_stats, print_summary
 from .optim import available_optimizers, create_optimizer
 from .optim.config import with_run_length_warmups
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--opt-args", action="extend", nargs="+", default=[], metavar="ARG",
         help="hyperparameter overrides: a JSON object or key=value pairs (values parsed as JSON)")
     add("--preset", default="tiny",
-        help=f"model preset: {', '.join(models.PRESETS)} (default: tiny)")
+        help=f"model preset: {', '.join(models.MODEL_PRESETS)} (default: tiny)")
     add("--steps", type=int, default=100, help="optimizer steps (default: 100)")
     add("--batch-size", type=int, default=None, help="sequences per step (default: the preset's)")
     add("--seq-len", type=int, default=None, help="tokens per sequence (default: the preset's)")
@@ -178,7 +178,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> arg
             parser.error("--resume and --save-every need --out (checkpoints go to <out>/checkpoints)")
     if args.resume:
         try:
-            args.resume_tag = checkpoints.check_identity(checkpoint_dir(args), run_identity(args))
+            args.resume_tag = resume.check_identity(checkpoint_dir(args), run_identity(args))
         except (FileNotFoundError, ValueError) as e:
             parser.error(str(e))
     return args
@@ -187,7 +187,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> arg
 def check_deepspeed_config(parser: argparse.ArgumentParser, args: argparse.Namespace,
                            lr_given: bool) -> dict[str, Any]:
     """Read the config; return its optimizer params. Every error stops before any process group."""
-    from .deepspeed import load_config, resolve_optimizer_name
+    from .integrations.deepspeed import load_config, resolve_optimizer_name
 
     try:
         args.ds_config = config = load_config(args.deepspeed_config)
@@ -225,7 +225,7 @@ def checkpoint_dir(args: argparse.Namespace) -> Path:
 
 def run_identity(args: argparse.Namespace) -> dict[str, Any]:
     """What defines the run; ``--resume`` refuses a checkpoint whose identity differs."""
-    return {key: getattr(args, key) for key in checkpoints.RUN_IDENTITY}
+    return {key: getattr(args, key) for key in resume.RUN_IDENTITY}
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -305,11 +305,11 @@ class SingleProcess:
         return loss.item()
 
     def save(self, directory: Path, step: int, client: dict, identity: dict) -> None:
-        checkpoints.save_single(directory, step, self.model, self.optimizer, self.scheduler,
+        resume.save_single(directory, step, self.model, self.optimizer, self.scheduler,
                                 client, identity)
 
     def load(self, directory: Path, tag: str) -> dict:
-        return checkpoints.load_single(directory, tag, self.model, self.optimizer, self.scheduler)
+        return resume.load_single(directory, tag, self.model, self.optimizer, self.scheduler)
 
     def close(self) -> None:
         pass
@@ -322,7 +322,7 @@ class DeepSpeedRun:
         import deepspeed
         import torch.distributed as dist
 
-        from .deepspeed import initialize, release_cpu_comm_shm
+        from .integrations.deepspeed import initialize, release_cpu_comm_shm
 
         self.dist = dist
         config = args.ds_config
@@ -387,10 +387,10 @@ class DeepSpeedRun:
         return mean.item() / self.world
 
     def save(self, directory: Path, step: int, client: dict, identity: dict) -> None:
-        checkpoints.save_deepspeed(directory, step, self.model, client, identity)
+        resume.save_deepspeed(directory, step, self.model, client, identity)
 
     def load(self, directory: Path, tag: str) -> dict:
-        return checkpoints.load_deepspeed(directory, tag, self.model)
+        return resume.load_deepspeed(directory, tag, self.model)
 
 
 def norm_reducer(opt):
@@ -432,7 +432,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         client = run.load(checkpoint_dir(args), args.resume_tag)
         start, history = client["step"], client["history"]
         batches.load_state_dict(client["data"])
-        checkpoints.set_rng_state(client["rng"])
+        resume.set_rng_state(client["rng"])
         if lead:
             print(f"resumed from {checkpoint_dir(args) / args.resume_tag} at step {start}")
     reducer = norm_reducer(opt)  # None on one process
@@ -492,10 +492,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             add_reducer_time()
             history["elapsed"] = elapsed0 + time.perf_counter() - t0
             client = {"step": step, "history": history, "data": batches.state_dict(),
-                      "rng": checkpoints.rng_state()}
+                      "rng": resume.rng_state()}
             run.save(checkpoint_dir(args), step, client, run_identity(args))
             if lead:
-                checkpoints.prune(checkpoint_dir(args), args.keep_checkpoints)
+                resume.prune(checkpoint_dir(args), args.keep_checkpoints)
     bar.close()
     log.close()
     add_reducer_time()

@@ -10,7 +10,7 @@ import re
 
 import torch
 
-PRESETS = {
+OPTIMIZER_PRESETS = {
     "adamw": dict(scaling="none", clip="none", mix_alpha=0.0, beta1_mode="const"),
     "ademamix": dict(scaling="none", clip="none", mix_alpha=8.0, beta1_mode="const"),
     "stratopt": dict(scaling="linear", clip="layer", mix_alpha=5.0, beta1_mode="const"),
@@ -18,7 +18,7 @@ PRESETS = {
 for s in ("linear", "sqrt", "inverse"):
     for b in ("const", "depth"):
         for c in ("global", "layer"):
-            PRESETS[f"la-{s}-b1{b}-clip{c}"] = dict(scaling=s, clip=c, mix_alpha=0.0, beta1_mode=b)
+            OPTIMIZER_PRESETS[f"la-{s}-b1{b}-clip{c}"] = dict(scaling=s, clip=c, mix_alpha=0.0, beta1_mode=b)
 
 DEFAULTS = dict(lr=3e-4, b1=0.9, b2=0.999, b3=0.999, eps=1e-8, wd=0.1, t_alpha=0, t_beta3=0,
                 clip_threshold=1.0, clip_tau=2.0, bn=0.99, eps_n=1e-12, alpha_min=0.1,
@@ -34,7 +34,7 @@ class SpecOptimizer:
     """fp64 spec optimizer over {name: tensor}; ``wd_of`` gives each tensor's weight decay."""
 
     def __init__(self, params: dict, wd_of: dict, name: str, **overrides):
-        self.hp = {**DEFAULTS, **PRESETS[name], **overrides}
+        self.hp = {**DEFAULTS, **OPTIMIZER_PRESETS[name], **overrides}
         self.p = {k: v.detach().to(torch.float64).clone() for k, v in params.items()}
         self.wd_of = wd_of
         blocks = {k: _block(k) for k in params}

@@ -1,4 +1,4 @@
-"""accelerate + DeepSpeed with a stratopt_ds optimizer: stratopt_ds.accelerate, launch/accelerate_train.py.
+"""accelerate + DeepSpeed with a stratopt_ds optimizer: stratopt_ds.integrations.accelerate, examples/accelerate_train.py.
 
 In-process: the plugin's config (offload flag, clipping, the ``"optimizer"`` section) and the
 check after ``prepare``. Launched: ``accelerate launch`` on 2 CPU ranks, ZeRO-2 with optimizer
@@ -18,7 +18,7 @@ from accelerate.utils import DeepSpeedPlugin
 from deepspeed import DeepSpeedEngine
 
 import stratopt_ds
-from stratopt_ds.accelerate import bind_prepared, deepspeed_plugin, distributed_state
+from stratopt_ds.integrations.accelerate import bind_prepared, deepspeed_plugin, distributed_state
 from helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,7 +103,7 @@ def test_accelerate_launch_trains_ours_at_zero2_with_offload(tmp_path):
     out = tmp_path / "run"
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "2", "--num_machines", "1",
            "--use_deepspeed", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-           "launch/accelerate_train.py", "--config", str(OFFLOAD), "--steps", "15", "--out", str(out)]
+           "examples/accelerate_train.py", "--config", str(OFFLOAD), "--steps", "15", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     # the ranks' own lines (e.g. why one aborted) come before the launcher's traceback: keep many

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import stratopt_ds
-from stratopt_ds.optim import PRESETS, preset_defaults
+from stratopt_ds.optim import OPTIMIZER_PRESETS, preset_defaults
 from stratopt_ds.layer_map import Fragment
 from stratopt_ds.ops import builder, dispatch, reference, use_backend
 from stratopt_ds.zero.partition_map import UnsupportedZeroSetting, pending_rows
@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "csrc" / "emulation"))
 import emulated_op  # noqa: E402
 
-NAMES = list(PRESETS)
+NAMES = list(OPTIMIZER_PRESETS)
 MIXED = (torch.float32, torch.bfloat16, torch.float16)
 COPIES = ("none", "bf16", "fp16", "mixed")
 

@@ -1,4 +1,4 @@
-"""HF Trainer integration: stratopt_ds.hf and launch/hf_train.py.
+"""HF Trainer integration: stratopt_ds.integrations.hf and examples/hf_train.py.
 
 In-process: ``--optim`` / ``--optim_args`` parsing, the DeepSpeed config preparation and every
 trap that is decided before training. One launch on 2 CPU ranks (gloo) of tests/dist/hf_worker.py
@@ -20,8 +20,9 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.training_args import OptimizerNames
 
 import stratopt_ds
-from stratopt_ds import hf, models
-from stratopt_ds.hf import StratTrainer, StratTrainingArguments, parse_optim_args
+from stratopt_ds import models
+from stratopt_ds.integrations import hf
+from stratopt_ds.integrations.hf import StratTrainer, StratTrainingArguments, parse_optim_args
 from helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -277,7 +278,7 @@ def worker(tmp_path_factory):
 
 @pytest.mark.dist
 def test_script_trains_on_the_shipped_zero2_config(worker):
-    """`deepspeed launch/hf_train.py --deepspeed ds_configs/tiny_zero2_cpu.json --optim stratopt ...`,
+    """`deepspeed examples/hf_train.py --deepspeed ds_configs/tiny_zero2_cpu.json --optim stratopt ...`,
     as docs/DEEPSPEED_HF_ACCELERATE.md has it; the config's StratOpt section is translated (trap 2, handled)."""
     summary = worker["script_cli"]
     assert summary["optim"] == "stratopt" and summary["zero_stage"] == 2
@@ -337,13 +338,13 @@ def test_scheduler_passed_next_to_a_deepspeed_scheduler_is_refused(worker):  # t
 
 @pytest.mark.parametrize("source,hub", [("fineweb", False), ("auto", True)])
 def test_hf_script_refuses_network_data(source, hub, monkeypatch, capsys):
-    """launch/hf_train.py reads local data only: 'fineweb', and 'auto' where the hub answers
+    """examples/hf_train.py reads local data only: 'fineweb', and 'auto' where the hub answers
     (it would resolve to FineWeb), stop at parse time with a usage error naming --data."""
     import importlib.util
 
     from stratopt_ds import data
 
-    spec = importlib.util.spec_from_file_location("hf_train", ROOT / "launch" / "hf_train.py")
+    spec = importlib.util.spec_from_file_location("hf_train", ROOT / "examples" / "hf_train.py")
     script = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "hf_train", script)  # its dataclasses look themselves up there
     spec.loader.exec_module(script)

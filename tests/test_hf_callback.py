@@ -1,4 +1,4 @@
-"""stratopt_ds.hf_callback: per-layer optimizer statistics in the HF Trainer's logs.
+"""stratopt_ds.integrations.hf_callback: per-layer optimizer statistics in the HF Trainer's logs.
 
 Short in-process StratTrainer runs (CPU, tiny model, no network): the ``stratopt/...`` keys reach
 ``log_history`` and the reporting callbacks at every ``logging_steps`` with the optimizer's own
@@ -16,8 +16,8 @@ from torch.overrides import TorchFunctionMode
 from transformers import TrainerCallback
 
 from stratopt_ds import create_optimizer, models
-from stratopt_ds.hf import StratTrainer, StratTrainingArguments
-from stratopt_ds.hf_callback import (LayerStatsCallback, find_stratopt_optimizer, install_layer_stats,
+from stratopt_ds.integrations.hf import StratTrainer, StratTrainingArguments
+from stratopt_ds.integrations.hf_callback import (LayerStatsCallback, find_stratopt_optimizer, install_layer_stats,
                                      layer_stats_logs, read_layer_stats, unwrap_stratopt)
 
 SEQ, VOCAB, STEPS, LOG_EVERY = 16, 257, 6, 2

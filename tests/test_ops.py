@@ -515,11 +515,11 @@ CUDA_TORCH_DIR = os.environ.get("STRATOPT_CUDA_TORCH_DIR")
 
 
 @pytest.mark.skipif(NVCC is None or not CUDA_TORCH_DIR,
-                    reason="set STRATOPT_CUDA_TORCH_DIR (csrc/check_cuda_glue.py --fetch) and have nvcc")
+                    reason="set STRATOPT_CUDA_TORCH_DIR (tools/check_cuda_glue.py --fetch) and have nvcc")
 def test_cuda_op_compiles_and_links_against_cuda_torch(tmp_path):
     """The whole CUDA op (kernels + torch glue), built exactly as the JIT build does, against a
     CUDA torch's headers and libraries, linked with --no-undefined. Runs without a GPU."""
-    r = subprocess.run([sys.executable, str(ROOT / "csrc" / "check_cuda_glue.py"), "--torch-dir",
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "check_cuda_glue.py"), "--torch-dir",
                         CUDA_TORCH_DIR, "--build-dir", str(tmp_path)],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

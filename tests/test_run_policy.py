@@ -19,7 +19,7 @@ import yaml
 
 import stratopt_ds
 from stratopt_ds import run_policy, train
-from stratopt_ds.accelerate import deepspeed_plugin
+from stratopt_ds.integrations.accelerate import deepspeed_plugin
 from stratopt_ds.study.plan import parse_plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +73,7 @@ def via_deepspeed_initialize(tmp_path, clip, engine_clip, capsys, monkeypatch):
 
 
 def via_hf(tmp_path, clip, engine_clip, capsys):
-    from stratopt_ds.hf import StratTrainingArguments
+    from stratopt_ds.integrations.hf import StratTrainingArguments
 
     config = json.loads((ROOT / "ds_configs" / "hf" / "zero2.json").read_text())
     config.pop("gradient_clipping", None)

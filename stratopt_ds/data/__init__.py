@@ -11,7 +11,7 @@
    them in a seeded Feistel order computed per index; batch ``k`` is a pure function of (store,
    data seed, k), so a resumed run reads exactly what the uninterrupted one would have.
 5. **Requests** (``request``): ``DataRequest`` is what every entry point (``stratopt_ds.train``,
-   ``launch/hf_train.py``, the accelerate example, the study harness) does with ``--data``: open
+   ``examples/hf_train.py``, the accelerate example, the study harness) does with ``--data``: open
    a store, or build the source into a content-keyed cache first and open that.
 """
 from .batches import (Batch, BatchIterator, Permutation, WindowDataset, Windows, WindowSampler,

@@ -77,7 +77,7 @@ def cuda_toolchain_problem() -> Optional[str]:
 
 def jit_kwargs(kind: str) -> dict:
     """Sources, include path and flags of the ``cpp_extension.load`` build of ``kind``; also
-    used by csrc/check_cuda_glue.py, so that the link check builds exactly this."""
+    used by tools/check_cuda_glue.py, so that the link check builds exactly this."""
     sources = CPU_SOURCES if kind == "cpu" else CUDA_SOURCES
     kwargs = dict(sources=[str(CSRC / s) for s in sources], extra_include_paths=[str(CSRC / kind)])
     if kind == "cpu":

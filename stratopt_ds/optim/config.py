@@ -69,7 +69,7 @@ def _la_presets() -> dict[str, dict[str, Any]]:
 _STRATOPT = {"scaling": "linear", "clip": "layer", "mix_alpha": 5.0}
 
 # name -> keyword overrides on top of GROUP_DEFAULTS | LAYER_DEFAULTS.
-PRESETS: dict[str, dict[str, Any]] = {
+OPTIMIZER_PRESETS: dict[str, dict[str, Any]] = {
     "adamw": {},
     "ademamix": {"mix_alpha": 8.0},
     "stratopt": dict(_STRATOPT),
@@ -92,9 +92,9 @@ def with_run_length_warmups(name: str, hyperparams: dict[str, Any], steps: int) 
 
 def preset_defaults(name: str) -> dict[str, Any]:
     """All keyword defaults of a named optimizer."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown optimizer {name!r}; available: {', '.join(PRESETS)}")
-    return {**GROUP_DEFAULTS, **LAYER_DEFAULTS, **PRESETS[name]}
+    if name not in OPTIMIZER_PRESETS:
+        raise ValueError(f"unknown optimizer {name!r}; available: {', '.join(OPTIMIZER_PRESETS)}")
+    return {**GROUP_DEFAULTS, **LAYER_DEFAULTS, **OPTIMIZER_PRESETS[name]}
 
 
 def _fail(key: str, value: Any, allowed: str) -> None:

@@ -6,14 +6,14 @@ from typing import Any, Iterable, Union
 import torch
 from torch import nn
 
-from .config import PRESETS, preset_defaults
+from .config import OPTIMIZER_PRESETS, preset_defaults
 from .named import OPTIMIZER_CLASSES
 from .optimizer import LayerwiseAdam
 
 
 def available_optimizers() -> list[str]:
     """Every optimizer name ``create_optimizer`` accepts."""
-    return list(PRESETS)
+    return list(OPTIMIZER_PRESETS)
 
 
 def named_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -43,7 +43,7 @@ def create_optimizer(name: str, model_or_params: Union[nn.Module, Iterable[Any]]
     given parameters or groups it takes them as they are.
     """
     if name not in OPTIMIZER_CLASSES:
-        raise ValueError(f"unknown optimizer {name!r}; available: {', '.join(PRESETS)}")
+        raise ValueError(f"unknown optimizer {name!r}; available: {', '.join(OPTIMIZER_PRESETS)}")
     if isinstance(model_or_params, nn.Module):
         wd = hyperparams.get("weight_decay", preset_defaults(name)["weight_decay"])
         params: Any = named_param_groups(model_or_params, wd)

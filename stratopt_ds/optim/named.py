@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import PRESETS
+from .config import OPTIMIZER_PRESETS
 from .optimizer import LayerwiseAdam
 
 _SPECIAL = {"adamw": "LayerwiseAdamW", "ademamix": "AdEMAMix", "stratopt": "StratOpt",
@@ -25,7 +25,7 @@ def class_name(name: str) -> str:
 
 
 # One class statement per name (grep finds ``class StratOpt``); ``preset`` names the keyword preset
-# in config.PRESETS, which is where the hyperparameters live.
+# in config.OPTIMIZER_PRESETS, which is where the hyperparameters live.
 
 class LayerwiseAdamW(LayerwiseAdam):
     """AdamW (docs/ALGORITHMS.md section 1), on the layer-map engine; named so it never shadows
@@ -165,10 +165,10 @@ class LAInverseB1DepthClipLayer(LayerwiseAdam):
 
 OPTIMIZER_CLASSES: dict[str, type[LayerwiseAdam]] = {
     cls.preset: cls for cls in LayerwiseAdam.__subclasses__() if cls.__module__ == __name__}
-_missing = set(PRESETS) ^ set(OPTIMIZER_CLASSES)
+_missing = set(OPTIMIZER_PRESETS) ^ set(OPTIMIZER_CLASSES)
 assert not _missing, f"optimizer presets without a class (or classes without a preset): {_missing}"
 assert all(cls.__name__ == class_name(name) for name, cls in OPTIMIZER_CLASSES.items())
-OPTIMIZER_CLASSES = {name: OPTIMIZER_CLASSES[name] for name in PRESETS}  # the presets' order
+OPTIMIZER_CLASSES = {name: OPTIMIZER_CLASSES[name] for name in OPTIMIZER_PRESETS}  # the presets' order
 
 
 def register_torch_aliases() -> None:

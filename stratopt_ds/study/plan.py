@@ -238,9 +238,9 @@ def _sizes(raw: Any, check_files: bool) -> list[Size]:
         if not isinstance(body, dict):
             raise PlanError(f"{where}: expected a mapping, got {_kind(body)}")
         _check_keys(body, SIZE_KEYS + tuple(TRAIN_OPTIONS), where, required=("preset",))
-        if body["preset"] not in models.PRESETS:
+        if body["preset"] not in models.MODEL_PRESETS:
             raise PlanError(f"{where}.preset: unknown preset {body['preset']!r}; available: "
-                            f"{', '.join(models.PRESETS)}")
+                            f"{', '.join(models.MODEL_PRESETS)}")
         train = _train_options({k: v for k, v in body.items() if k in TRAIN_OPTIONS}, where)
         launch = (_deepspeed(body["deepspeed"], f"{where}.deepspeed", check_files)
                   if "deepspeed" in body else None)

@@ -50,7 +50,7 @@ def finite(x: Any) -> bool:
 def run_state(run_dir: Path) -> RunState:
     """summary.json (train.py's verdict) first, then a failure the runner recorded, then a
     checkpoint to resume from; nothing at all means the run has not started."""
-    from ..checkpoints import latest_tag
+    from ..resume import latest_tag
 
     run_dir = Path(run_dir)
     summary = read_json(run_dir / "summary.json")

@@ -1,7 +1,7 @@
 """HF Trainer cases under DeepSpeed, launched once by tests/test_hf.py as `deepspeed --num_gpus 2 ...`.
 
 Every case builds a fresh StratTrainer in this process (a launch costs seconds, a case less than
-one), and the last runs launch/hf_train.py as a script; rank 0 writes one JSON report that the
+one), and the last runs examples/hf_train.py as a script; rank 0 writes one JSON report that the
 test asserts on.
 """
 from __future__ import annotations
@@ -18,13 +18,13 @@ import torch.distributed as dist
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "launch"))
+sys.path.insert(0, os.path.join(ROOT, "examples"))
 
 from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
 
-import hf_train  # noqa: E402  (launch/hf_train.py)
+import hf_train  # noqa: E402  (examples/hf_train.py)
 from stratopt_ds import create_optimizer, data, models  # noqa: E402
-from stratopt_ds.hf import StratTrainer, StratTrainingArguments, named_decay_groups  # noqa: E402
+from stratopt_ds.integrations.hf import StratTrainer, StratTrainingArguments, named_decay_groups  # noqa: E402
 
 HF_CONFIGS = os.path.join(ROOT, "ds_configs", "hf")
 SEQ_LEN, MICRO = 32, 4
@@ -74,7 +74,7 @@ def norm_check(trainer: StratTrainer) -> dict:
 
 
 def script_case(out: str, config: str, steps: int, *extra: str) -> dict:
-    """launch/hf_train.py's own trainer (its command line), trained, then the norm check."""
+    """examples/hf_train.py's own trainer (its command line), trained, then the norm check."""
     trainer = hf_train.build_trainer(argv(config, out, steps, *extra))
     trainer.train()
     return {**hf_train.summarize(trainer), **norm_check(trainer)}
@@ -119,10 +119,10 @@ def scheduler_conflict_case(out: str) -> dict:
 
 
 def script_cli_case(out: str, local_rank: int) -> dict:
-    """launch/hf_train.py run as a script (its __main__, the launcher's --local_rank included) with
+    """examples/hf_train.py run as a script (its __main__, the launcher's --local_rank included) with
     the shipped ZeRO-2 config, whose StratOpt section is translated. Its exit tears down the
     process group, so it runs last."""
-    sys.argv = [os.path.join(ROOT, "launch", "hf_train.py"), f"--local_rank={local_rank}",
+    sys.argv = [os.path.join(ROOT, "examples", "hf_train.py"), f"--local_rank={local_rank}",
                 "--deepspeed", os.path.join(ROOT, "ds_configs", "tiny_zero2_cpu.json"), "--optim", "stratopt",
                 "--max_steps", "20", "--learning_rate", "0.003", "--weight_decay", "0.1", "--warmup_steps", "5",
                 "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",

@@ -1,12 +1,12 @@
 """HF Trainer with stratopt_ds optimizers: ``--optim stratopt`` and DeepSpeed without silent traps.
 
-    from stratopt_ds.hf import StratTrainer, StratTrainingArguments
+    from stratopt_ds.integrations.hf import StratTrainer, StratTrainingArguments
     args = StratTrainingArguments(output_dir="out", optim="stratopt", optim_args="mix_alpha=8",
                                   learning_rate=3e-3, deepspeed="ds_configs/hf/zero2.json")
     StratTrainer(model=model, args=args, train_dataset=data).train()
 
 or, on a command line parsed by ``HfArgumentParser(StratTrainingArguments)``:
-``--optim stratopt --optim_args "clip=global,betas=[0.9,0.95]"`` (see ``launch/hf_train.py``).
+``--optim stratopt --optim_args "clip=global,betas=[0.9,0.95]"`` (see ``examples/hf_train.py``).
 
 **Names.** ``--optim`` accepts every transformers name and every
 :func:`stratopt_ds.available_optimizers` name. Ours are handled by :class:`StratTrainer`; the
@@ -46,7 +46,7 @@ optimizer that clips itself is refused: it would clip twice.
 After DeepSpeed wraps it, the optimizer is bound to the ZeRO wrapper at the start of training
 (per-layer norms exact across partitions), or an error says why it cannot be. On CPU-only
 DeepSpeed the arguments also create accelerate's process state over gloo
-(:func:`stratopt_ds.accelerate.distributed_state`), without which every rank would see a world of 1.
+(:func:`stratopt_ds.integrations.accelerate.distributed_state`), without which every rank would see a world of 1.
 """
 from __future__ import annotations
 
@@ -62,14 +62,14 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.training_args import OptimizerNames
 
-from . import run_policy
+from .. import run_policy
 from .accelerate import bind_prepared, distributed_state, refuse_foreign_optimizer_section, section_mismatches
-from .data import WindowDataset, WindowSampler
+from ..data import WindowDataset, WindowSampler
 from .hf_callback import install_layer_stats
 from .deepspeed import keep_client_optimizer_under_offload, load_config, prepare_config, resolve_optimizer_name
-from .optim import LayerwiseAdam, available_optimizers, create_optimizer
-from .optim.config import with_run_length_warmups
-from .run_policy import parse_opt_args
+from ..optim import LayerwiseAdam, available_optimizers, create_optimizer
+from ..optim.config import with_run_length_warmups
+from ..run_policy import parse_opt_args
 
 logger = logging.getLogger(__name__)
 
@@ -103,10 +103,10 @@ def check_transformers(version: str = transformers.__version__) -> None:
     if _ENUM_STAND_IN not in HF_NAMES:
         missing.append(f"OptimizerNames value {_ENUM_STAND_IN!r}")
     if missing:
-        raise ImportError(f"stratopt_ds.hf cannot work with transformers {version}: no {', '.join(missing)} "
+        raise ImportError(f"stratopt_ds.integrations.hf cannot work with transformers {version}: no {', '.join(missing)} "
                           f"(tested with transformers {TESTED_TRANSFORMERS_MAJOR}.x)")
     if int(version.split(".")[0]) != TESTED_TRANSFORMERS_MAJOR:
-        warnings.warn(f"stratopt_ds.hf was tested with transformers {TESTED_TRANSFORMERS_MAJOR}.x, this is "
+        warnings.warn(f"stratopt_ds.integrations.hf was tested with transformers {TESTED_TRANSFORMERS_MAJOR}.x, this is "
                       f"{version}", stacklevel=2)
 
 
@@ -271,7 +271,7 @@ class StratTrainingArguments(TrainingArguments):
         return config
 
     def _use_cpu_distributed_state(self) -> None:
-        """Make transformers reuse the gloo state on CPU-only DeepSpeed (stratopt_ds.accelerate)."""
+        """Make transformers reuse the gloo state on CPU-only DeepSpeed (stratopt_ds.integrations.accelerate)."""
         if not distributed_state():
             return
         cfg = self.accelerator_config

@@ -9,8 +9,8 @@ flags) against the headers and libraries of a CUDA build of the same torch versi
 with ``-Wl,--no-undefined`` so that every symbol the op uses must exist in those libraries.
 Nothing is loaded or run.
 
-    python csrc/check_cuda_glue.py --fetch ~/.cache/stratopt_ds/cuda_torch   # once, ~0.5 GB
-    python csrc/check_cuda_glue.py --torch-dir ~/.cache/stratopt_ds/cuda_torch/torch
+    python tools/check_cuda_glue.py --fetch ~/.cache/stratopt_ds/cuda_torch   # once, ~0.5 GB
+    python tools/check_cuda_glue.py --torch-dir ~/.cache/stratopt_ds/cuda_torch/torch
 
 ``--fetch DIR`` downloads the CUDA torch wheel of the installed torch version from PyPI and
 unpacks only ``torch/include`` and ``torch/lib``. ``tests/test_ops.py`` runs the check when

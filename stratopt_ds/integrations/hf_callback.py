@@ -1,10 +1,10 @@
 """Per-layer optimizer statistics in the HF Trainer's own logs (``stratopt/...`` keys).
 
-:class:`~stratopt_ds.hf.StratTrainer` installs :class:`LayerStatsCallback` itself; for a plain
+:class:`~stratopt_ds.integrations.hf.StratTrainer` installs :class:`LayerStatsCallback` itself; for a plain
 ``Trainer`` call :func:`install_layer_stats` (``trainer.add_callback`` would put it after the
 reporting callbacks, which would then not see the keys)::
 
-    from stratopt_ds.hf_callback import install_layer_stats
+    from stratopt_ds.integrations.hf_callback import install_layer_stats
     install_layer_stats(trainer, per_layer_max=64)
 
 On a StratTrainer it is ``trainer.layer_stats_callback`` (set its ``per_layer_max`` there;
@@ -58,7 +58,7 @@ from typing import Any, Optional
 import torch
 from transformers import DefaultFlowCallback, TrainerCallback
 
-from .optim import LayerwiseAdam
+from ..optim import LayerwiseAdam
 
 PREFIX = "stratopt/"
 DEFAULT_PER_LAYER_MAX = 32

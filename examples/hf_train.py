@@ -1,10 +1,10 @@
 """Pretrain a LLaMA preset with the HF Trainer and a stratopt_ds optimizer (offline data).
 
-    deepspeed --num_gpus 2 launch/hf_train.py --deepspeed ds_configs/hf/zero2.json \\
+    deepspeed --num_gpus 2 examples/hf_train.py --deepspeed ds_configs/hf/zero2.json \\
         --optim stratopt --learning_rate 3e-3 --max_steps 20 --output_dir runs/hf
-    python launch/hf_train.py --optim la-sqrt-b1depth-cliplayer --optim_args clip_tau=3 ...
+    python examples/hf_train.py --optim la-sqrt-b1depth-cliplayer --optim_args clip_tau=3 ...
 
-Every ``TrainingArguments`` option works (``StratTrainingArguments``, see ``stratopt_ds.hf``),
+Every ``TrainingArguments`` option works (``StratTrainingArguments``, see ``stratopt_ds.integrations.hf``),
 plus the model and data options below. ``--data`` is a token store (``python -m stratopt_ds.data
 build``) or a local source built into the store cache first; each window of ``--seq_len + 1``
 tokens is one example, its own labels (the model shifts them), read from the memory-mapped store.
@@ -25,12 +25,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from transformers import HfArgumentParser  # noqa: E402
 
 from stratopt_ds import data, models  # noqa: E402
-from stratopt_ds.hf import StratTrainer, StratTrainingArguments  # noqa: E402
+from stratopt_ds.integrations.hf import StratTrainer, StratTrainingArguments  # noqa: E402
 
 
 @dataclass
 class ModelDataArguments:
-    preset: str = field(default="tiny", metadata={"help": f"model preset: {', '.join(models.PRESETS)}"})
+    preset: str = field(default="tiny", metadata={"help": f"model preset: {', '.join(models.MODEL_PRESETS)}"})
     seq_len: Optional[int] = field(default=None, metadata={"help": "tokens per example (default: the preset's)"})
     data: str = field(default="synthetic", metadata={
         "help": "a token store directory, or 'synthetic' or a .txt/.jsonl/.parquet file (or a directory "

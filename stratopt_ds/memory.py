@@ -1,6 +1,6 @@
 """Memory planner: the model-state memory of a preset under DeepSpeed ZeRO, per GPU and per node.
 
-``python -m stratopt_ds.plan --preset 7b --nodes 8 --gpus-per-node 8 [--optimizer stratopt]``
+``python -m stratopt_ds.memory --preset 7b --nodes 8 --gpus-per-node 8 [--optimizer stratopt]``
 
 It counts *model states* only -- no activations, communication buckets, allocator fragmentation
 or CUDA context -- with the accounting of DeepSpeed's own estimators
@@ -64,7 +64,7 @@ def largest_layer_params(config) -> int:
 
 
 @dataclass(frozen=True)
-class Plan:
+class MemoryPlan:
     """Bytes per GPU of each model state (``offload``: states are in host memory) and per node of CPU."""
     stage: int
     offload: bool
@@ -90,7 +90,7 @@ class Plan:
 
 
 def plan(total_params: int, largest_layer: int, nodes: int, gpus_per_node: int, stage: int,
-         offload: bool = False, optimizer: str = "adamw", cpu_buffer_factor: float = 1.5) -> Plan:
+         offload: bool = False, optimizer: str = "adamw", cpu_buffer_factor: float = 1.5) -> MemoryPlan:
     """The memory of one ZeRO ``stage`` (see the module docstring for the assumptions)."""
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage}")
@@ -107,20 +107,20 @@ def plan(total_params: int, largest_layer: int, nodes: int, gpus_per_node: int, 
     layer = 4 * largest_layer if stage == 3 else 0
     offloaded = gpus_per_node * (grads32 + master + states) if offload else 0
     build = 4 * gpus_per_node * (largest_layer if stage == 3 else p)
-    return Plan(stage, offload, params, grads16, grads32, master, states, layer, offloaded, build,
+    return MemoryPlan(stage, offload, params, grads16, grads32, master, states, layer, offloaded, build,
                 cpu_buffer_factor)
 
 
 def plans(total_params: int, largest_layer: int, nodes: int, gpus_per_node: int,
           optimizer: str = "adamw", offload: Optional[bool] = None,
-          cpu_buffer_factor: float = 1.5) -> list[Plan]:
+          cpu_buffer_factor: float = 1.5) -> list[MemoryPlan]:
     """Every stage without offload, then stages 1-3 with it (``offload`` True/False: only those)."""
     cases = [(s, False) for s in STAGES] + [(s, True) for s in STAGES[1:]]
     return [plan(total_params, largest_layer, nodes, gpus_per_node, s, o, optimizer, cpu_buffer_factor)
             for s, o in cases if offload is None or o == offload]
 
 
-def format_table(rows: list[Plan]) -> str:
+def format_table(rows: list[MemoryPlan]) -> str:
     cols = ("params", "grads16", "grads32", "master", "states", "layer")
     head = ["stage", "offload", "params bf16", "grads bf16", "grads fp32", "master fp32",
             "opt states", "gathered", "GPU total", "CPU states/node", "CPU peak/node"]
@@ -142,9 +142,9 @@ def format_table(rows: list[Plan]) -> str:
 def main(argv: Optional[list[str]] = None) -> None:
     from .optim import available_optimizers
 
-    parser = argparse.ArgumentParser(prog="python -m stratopt_ds.plan",
+    parser = argparse.ArgumentParser(prog="python -m stratopt_ds.memory",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", required=True, help=f"model preset: {', '.join(models.PRESETS)}")
+    parser.add_argument("--preset", required=True, help=f"model preset: {', '.join(models.MODEL_PRESETS)}")
     parser.add_argument("--nodes", type=int, default=1, help="number of nodes (default: 1)")
     parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default: 8)")
     parser.add_argument("--optimizer", default="stratopt", help="optimizer name (default: stratopt)")

@@ -2,7 +2,7 @@
 
     from accelerate import Accelerator
     from stratopt_ds import create_optimizer
-    from stratopt_ds.accelerate import deepspeed_plugin, distributed_state, bind_prepared
+    from stratopt_ds.integrations.accelerate import deepspeed_plugin, distributed_state, bind_prepared
 
     distributed_state()                      # only does something on CPU-only DeepSpeed (see below)
     optimizer = create_optimizer("stratopt", model, lr=3e-3)
@@ -37,8 +37,8 @@ from typing import Any, Callable, Mapping, Optional
 
 from .deepspeed import (load_config, offloads_optimizer, prepare_config,
                         release_cpu_comm_shm, resolve_optimizer_name)
-from .optim import LayerwiseAdam
-from .run_policy import optimizer_clip_mode
+from ..optim import LayerwiseAdam
+from ..run_policy import optimizer_clip_mode
 
 
 # ------------------------------------------------------------------------------------------------
@@ -160,14 +160,14 @@ def bind_prepared(model: Any, optimizer: Optional[LayerwiseAdam] = None):
         hint = ""
         if offloads_optimizer(config) and config.get("zero_force_ds_cpu_optimizer", True):
             hint = ('; under optimizer offload accelerate swaps it unless "zero_force_ds_cpu_optimizer" '
-                    "is false (stratopt_ds.accelerate.deepspeed_plugin sets it)")
+                    "is false (stratopt_ds.integrations.accelerate.deepspeed_plugin sets it)")
         raise RuntimeError(f"DeepSpeed steps {type(inner).__name__}, not the stratopt_ds optimizer "
                            f"passed to accelerator.prepare{hint}")
     if not inner.sharding.is_local:
         return inner.sharding
     if engine.optimizer is inner:  # ZeRO stage 0: DeepSpeed steps our optimizer on whole tensors
         return None
-    from .zero import attach
+    from ..zero import attach
     return attach(inner, engine.optimizer)
 
 

@@ -1,9 +1,9 @@
 """Pretrain a LLaMA preset with accelerate + DeepSpeed and a stratopt_ds optimizer (offline data).
 
-    deepspeed --num_gpus 2 launch/accelerate_train.py --config ds_configs/hf/zero2_offload.json
-    python launch/accelerate_train.py --config ds_configs/hf/zero2.json  # needs a launcher for >1 rank
+    deepspeed --num_gpus 2 examples/accelerate_train.py --config ds_configs/hf/zero2_offload.json
+    python examples/accelerate_train.py --config ds_configs/hf/zero2.json  # needs a launcher for >1 rank
 
-The three stratopt_ds calls around accelerate's usual ones (``stratopt_ds.accelerate``):
+The three stratopt_ds calls around accelerate's usual ones (``stratopt_ds.integrations.accelerate``):
 ``distributed_state()`` before the Accelerator (CPU-only DeepSpeed), ``deepspeed_plugin(config,
 optimizer)`` for the Accelerator, ``bind_prepared(model, optimizer)`` after ``prepare``.
 ``--out`` gets ``summary.json``: losses and the optimizer DeepSpeed actually steps.
@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from accelerate import Accelerator  # noqa: E402
 
 from stratopt_ds import available_optimizers, create_optimizer, data, models  # noqa: E402
-from stratopt_ds.accelerate import bind_prepared, deepspeed_plugin, distributed_state  # noqa: E402
+from stratopt_ds.integrations.accelerate import bind_prepared, deepspeed_plugin, distributed_state  # noqa: E402
 from stratopt_ds.run_policy import parse_opt_args  # noqa: E402
 from stratopt_ds.train import lr_schedule  # noqa: E402
 
@@ -39,7 +39,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup-steps", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=4, help="sequences per rank and step")
-    p.add_argument("--preset", default="tiny", choices=list(models.PRESETS))
+    p.add_argument("--preset", default="tiny", choices=list(models.MODEL_PRESETS))
     p.add_argument("--seq-len", type=int, default=32)
     p.add_argument("--data", default="synthetic",
                    help="a token store, or a local source to build into the store cache first")

@@ -1,4 +1,4 @@
-"""The memory planner (stratopt_ds.plan) against DeepSpeed's own model-state estimators."""
+"""The memory planner (stratopt_ds.memory) against DeepSpeed's own model-state estimators."""
 import subprocess
 import sys
 
@@ -6,12 +6,12 @@ import pytest
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-from stratopt_ds import available_optimizers, models, plan
+from stratopt_ds import available_optimizers, memory, models
 from stratopt_ds.optim import preset_defaults
 from helpers import assert_usage_error
 
-SHAPES = {name: (models.count_parameters(plan.preset_shape(name)),
-                 plan.largest_layer_params(plan.preset_shape(name))) for name in ("134m", "1b", "7b")}
+SHAPES = {name: (models.count_parameters(memory.preset_shape(name)),
+                 memory.largest_layer_params(memory.preset_shape(name))) for name in ("134m", "1b", "7b")}
 CLUSTERS = [(1, 1), (1, 4), (1, 8), (2, 8), (8, 8)]
 
 
@@ -25,7 +25,7 @@ def close(ours, theirs):  # DeepSpeed truncates to int bytes
 @pytest.mark.parametrize("name", SHAPES)
 def test_adamw_zero2_matches_deepspeed(name, nodes, gpus, offload, factor):
     total, largest = SHAPES[name]
-    ours = plan.plan(total, largest, nodes, gpus, 2, offload, "adamw", factor)
+    ours = memory.plan(total, largest, nodes, gpus, 2, offload, "adamw", factor)
     cpu, gpu = estimate_zero2_model_states_mem_needs(total, gpus, nodes, cpu_offload=offload,
                                                      additional_buffer_factor=factor)
     assert close(ours.gpu, gpu)
@@ -42,7 +42,7 @@ def test_adamw_zero2_matches_deepspeed(name, nodes, gpus, offload, factor):
 @pytest.mark.parametrize("name", SHAPES)
 def test_adamw_zero3_matches_deepspeed(name, nodes, gpus, offload, factor):
     total, largest = SHAPES[name]
-    ours = plan.plan(total, largest, nodes, gpus, 3, offload, "adamw", factor)
+    ours = memory.plan(total, largest, nodes, gpus, 3, offload, "adamw", factor)
     cpu, gpu, layer = estimate_zero3_model_states_mem_needs(
         total, largest, gpus, nodes, cpu_offload=offload, cpu_offload_params=False, zero_init=True,
         additional_buffer_factor=factor)
@@ -57,8 +57,8 @@ def test_adamw_zero3_matches_deepspeed(name, nodes, gpus, offload, factor):
 @pytest.mark.parametrize("nodes,gpus", CLUSTERS)
 def test_stratopt_keeps_exactly_one_more_fp32_state_than_adamw(nodes, gpus):
     total, largest = SHAPES["7b"]
-    pairs = zip(plan.plans(total, largest, nodes, gpus, "adamw"),
-                plan.plans(total, largest, nodes, gpus, "stratopt"))
+    pairs = zip(memory.plans(total, largest, nodes, gpus, "adamw"),
+                memory.plans(total, largest, nodes, gpus, "stratopt"))
     for adamw, strat in pairs:
         part = 1 if adamw.stage == 0 else nodes * gpus
         extra = 4 * total / part
@@ -71,32 +71,32 @@ def test_stratopt_keeps_exactly_one_more_fp32_state_than_adamw(nodes, gpus):
 
 def test_state_bytes_follow_mix_alpha():
     for name in available_optimizers():
-        assert plan.state_bytes(name) == (12 if preset_defaults(name)["mix_alpha"] > 0 else 8), name
-    assert plan.state_bytes("stratopt") == 12 and plan.state_bytes("stratopt-nomix") == 8
+        assert memory.state_bytes(name) == (12 if preset_defaults(name)["mix_alpha"] > 0 else 8), name
+    assert memory.state_bytes("stratopt") == 12 and memory.state_bytes("stratopt-nomix") == 8
 
 
 def test_shapes_agree_with_deepspeed_on_a_built_model_and_llama_7b():
     from deepspeed.runtime.zero.stage3 import model_to_params
 
     model = models.build_model("tiny")  # the only preset built here
-    assert model_to_params(model) == (models.count_parameters(plan.preset_shape("tiny")),
-                                      plan.largest_layer_params(plan.preset_shape("tiny")))
+    assert model_to_params(model) == (models.count_parameters(memory.preset_shape("tiny")),
+                                      memory.largest_layer_params(memory.preset_shape("tiny")))
     assert models.count_parameters(models.llama_config("7b")) == SHAPES["7b"][0] == 6_738_415_616
     assert SHAPES["7b"][1] == 32000 * 4096
-    assert abs(models.count_parameters(plan.preset_shape("3b")) / models.NOMINAL_PARAMS["3b"] - 1) < 0.02
+    assert abs(models.count_parameters(memory.preset_shape("3b")) / models.NOMINAL_PARAMS["3b"] - 1) < 0.02
 
 
 def test_stage_zero_has_no_offload_and_counts_are_checked():
     with pytest.raises(ValueError, match="stage 1, 2 or 3"):
-        plan.plan(10, 1, 1, 1, 0, offload=True)
+        memory.plan(10, 1, 1, 1, 0, offload=True)
     with pytest.raises(ValueError, match="stage must be"):
-        plan.plan(10, 1, 1, 1, 4)
+        memory.plan(10, 1, 1, 1, 4)
     with pytest.raises(ValueError, match=">= 1"):
-        plan.plan(10, 1, 0, 8, 2)
+        memory.plan(10, 1, 0, 8, 2)
 
 
 def test_cli_prints_every_stage_for_7b_on_64_gpus():
-    proc = subprocess.run([sys.executable, "-m", "stratopt_ds.plan", "--preset", "7b", "--nodes", "8",
+    proc = subprocess.run([sys.executable, "-m", "stratopt_ds.memory", "--preset", "7b", "--nodes", "8",
                            "--gpus-per-node", "8"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
@@ -112,7 +112,7 @@ def test_cli_never_builds_the_model(monkeypatch, capsys):
 
     monkeypatch.setattr(models, "build_model", no_build)
     monkeypatch.setattr(models, "llama_config", no_build)
-    plan.main(["--preset", "7b", "--optimizer", "adamw", "--offload"])
+    memory.main(["--preset", "7b", "--optimizer", "adamw", "--offload"])
     out = capsys.readouterr().out
     assert "8 B/param" in out and " 0        -" not in out
 
@@ -126,4 +126,4 @@ def test_cli_never_builds_the_model(monkeypatch, capsys):
     (["--preset", "7b", "--nodes", "two"], ["--nodes", "invalid int value"]),
 ])
 def test_cli_errors_name_the_option(argv, words, capsys):
-    assert_usage_error(plan.main, argv, words, capsys)
+    assert_usage_error(memory.main, argv, words, capsys)
