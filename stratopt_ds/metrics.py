@@ -102,12 +102,13 @@ class MetricsLog:
             self.tb.close()
 
 
-def print_summary(s: dict[str, Any]) -> None:
-    val = "n/a" if s["val_loss"] is None else f"{s['val_loss']:.4f}"
-    first = "n/a" if s["first_loss"] is None else f"{s['first_loss']:.4f}"
-    last = "n/a" if s["last_loss"] is None else f"{s['last_loss']:.4f}"
-    print(f"{s['optimizer']} on {s['preset']} ({s['params']:,} params), {s['steps_done']} of "
-          f"{s['steps']} steps, {s['tokens']:,} tokens, status {s['status']}")
-    print(f"  loss {first} -> {last} | val loss {val} | {s['tokens_per_s']:,.0f} tokens/s | "
-          f"train {s['train_time']:.1f}s | norm all-reduce {100 * s['norm_allreduce_share']:.1f}% | "
-          f"wall {s['wall_time']:.1f}s | skipped steps {s['skipped_steps']}")
+def print_summary(s) -> None:
+    """One run's summary (a :class:`stratopt_ds.summary.RunSummary`) in two lines."""
+    val = "n/a" if s.val_loss is None else f"{s.val_loss:.4f}"
+    first = "n/a" if s.first_loss is None else f"{s.first_loss:.4f}"
+    last = "n/a" if s.last_loss is None else f"{s.last_loss:.4f}"
+    print(f"{s.optimizer} on {s.preset} ({s.params:,} params), {s.steps_done} of "
+          f"{s.steps} steps, {s.tokens:,} tokens, status {s.status}")
+    print(f"  loss {first} -> {last} | val loss {val} | {s.tokens_per_s:,.0f} tokens/s | "
+          f"train {s.train_time:.1f}s | norm all-reduce {100 * s.norm_allreduce_share:.1f}% | "
+          f"wall {s.wall_time:.1f}s | skipped steps {s.skipped_steps}")

@@ -14,7 +14,6 @@ Bad options stop the job before any data is read or any weight is allocated.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -32,6 +31,7 @@ from .metrics import MetricsLog, finite_or_none, optimizer_stats, print_summary
 from .optim import available_optimizers, create_optimizer
 from .optim.config import with_run_length_warmups
 from .run_policy import parse_opt_args  # noqa: F401  (also this module's API: hf, examples)
+from .summary import RunSummary
 
 # ------------------------------------------------------------------------------------------------
 # Options
@@ -398,7 +398,7 @@ def norm_reducer(opt):
     return getattr(opt.sharding, "reducer", None)
 
 
-def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+def main(argv: Optional[list[str]] = None) -> RunSummary:
     t_start = time.perf_counter()
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -505,32 +505,30 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     # Summary.
     steps_done = len(losses)
     train_time = history["train_time"]
-    summary = {
-        "status": status, "optimizer": args.optimizer, "preset": args.preset, "params": n_params,
-        "hyperparams": args.hyperparams, "data": args.data, "store": str(store.path),
-        "store_fingerprint": store.fingerprint, "tokenizer": store.tokenizer_name,
-        "steps": args.steps, "steps_done": steps_done, "batch_size": args.batch_size,
-        "seq_len": args.seq_len, "ranks": run.world, "seed": args.seed,
-        "data_seed": args.data_seed, "tokens": history["tokens"],
-        "first_loss": finite_or_none(losses[0]) if losses else None,
-        "last_loss": finite_or_none(losses[-1]) if losses else None,
-        "losses": [finite_or_none(x) for x in losses],
-        "val_loss": finite_or_none(val_losses[-1][1]) if val_losses else None,
-        "val_losses": [(s, finite_or_none(v)) for s, v in val_losses],
-        "tokens_per_s": history["tokens"] / max(train_time, 1e-9), "train_time": train_time,
-        "step_time": train_time / max(steps_done, 1),
-        "norm_allreduce_time": history["norm_allreduce_time"],
-        "norm_allreduce_share": history["norm_allreduce_time"] / max(train_time, 1e-9),
-        "wall_time": time.perf_counter() - t_start, "resumed_from": start or None,
-        "skipped_steps": opt.skipped_steps, "clip_counts": opt.layer_clip_counts(),
-        "data_state": batches.state_dict(), "epochs": batches.epoch(), "layers": layer_names,
-        "out": args.out,
-    }
+    summary = RunSummary(
+        status=status, optimizer=args.optimizer, preset=args.preset, params=n_params,
+        hyperparams=args.hyperparams, data=args.data, store=str(store.path),
+        store_fingerprint=store.fingerprint, tokenizer=store.tokenizer_name,
+        steps=args.steps, steps_done=steps_done, batch_size=args.batch_size,
+        seq_len=args.seq_len, ranks=run.world, seed=args.seed,
+        data_seed=args.data_seed, tokens=history["tokens"],
+        first_loss=finite_or_none(losses[0]) if losses else None,
+        last_loss=finite_or_none(losses[-1]) if losses else None,
+        losses=[finite_or_none(x) for x in losses],
+        val_loss=finite_or_none(val_losses[-1][1]) if val_losses else None,
+        val_losses=[(s, finite_or_none(v)) for s, v in val_losses],
+        tokens_per_s=history["tokens"] / max(train_time, 1e-9), train_time=train_time,
+        step_time=train_time / max(steps_done, 1),
+        norm_allreduce_time=history["norm_allreduce_time"],
+        norm_allreduce_share=history["norm_allreduce_time"] / max(train_time, 1e-9),
+        wall_time=time.perf_counter() - t_start, resumed_from=start or None,
+        skipped_steps=opt.skipped_steps, clip_counts=opt.layer_clip_counts(),
+        data_state=batches.state_dict(), epochs=batches.epoch(), layers=layer_names,
+        out=args.out,
+    )
     if lead:
         if args.out is not None:
-            path = Path(args.out) / "summary.json"
-            path.with_suffix(".json.tmp").write_text(json.dumps(summary, indent=2) + "\n")
-            os.replace(path.with_suffix(".json.tmp"), path)
+            summary.write(Path(args.out) / "summary.json")
         print_summary(summary)
     run.close()
     return summary
@@ -542,7 +540,7 @@ EXIT_DIVERGED = 3
 def cli(argv: Optional[list[str]] = None) -> int:
     """The console entry: exit 0 when the run finished, 3 when it diverged."""
     summary = main(argv)
-    return EXIT_DIVERGED if summary["status"] == "diverged" else 0
+    return EXIT_DIVERGED if summary.status == "diverged" else 0
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from helpers import assert_usage_error
 FAST = ["--no-progress", "--eval-batches", "2"]
 
 
-def run(tmp_path, *extra: str) -> dict:
+def run(tmp_path, *extra: str):
     return train.main(["--out", str(tmp_path / "run"), *FAST, *extra])
 
 
@@ -38,13 +38,13 @@ def write_paragraphs(n: int) -> list[str]:
 
 def test_tiny_stratopt_20_steps_loss_goes_down_and_is_logged(tmp_path):
     s = run(tmp_path, "--steps", "20", "--eval-every", "10")
-    losses = s["losses"]
+    losses = s.losses
     assert len(losses) == 20 and all(math.isfinite(x) for x in losses)
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert first - last > 1.0, (first, last)  # ln(257) = 5.55 at init; ~3.1 after 20 steps
-    assert s["val_loss"] < losses[0] - 1.0
-    assert s["skipped_steps"] == 0 and s["tokens"] == 20 * 8 * 64
-    assert s["hyperparams"]["t_alpha"] == s["hyperparams"]["t_beta3"] == 20  # stratopt mixes
+    assert s.val_loss < losses[0] - 1.0
+    assert s.skipped_steps == 0 and s.tokens == 20 * 8 * 64
+    assert s.hyperparams["t_alpha"] == s.hyperparams["t_beta3"] == 20  # stratopt mixes
 
     records = read_metrics(tmp_path)
     steps = [r for r in records if "loss" in r]
@@ -53,30 +53,30 @@ def test_tiny_stratopt_20_steps_loss_goes_down_and_is_logged(tmp_path):
         assert r["grad_norm"] > 0 and r["alpha_min"] <= r["alpha_mean"] <= r["alpha_max"]
         assert {"lr", "tokens", "elapsed", "layer_norm_max", "skipped_steps"} <= set(r)
         # per-layer norms in the order of the summary's layers; they add up to the global norm
-        assert len(r["layer_norms"]) == len(r["layer_alpha"]) == len(s["layers"])
+        assert len(r["layer_norms"]) == len(r["layer_alpha"]) == len(s.layers)
         assert math.sqrt(sum(x * x for x in r["layer_norms"])) == pytest.approx(r["grad_norm"])
         assert max(r["layer_norms"]) == pytest.approx(r["layer_norm_max"])
     assert [r["step"] for r in records if "val_loss" in r] == [10, 20]
     # Warm-up then cosine decay down to 10% of the peak at the last step.
     assert steps[1]["lr"] == pytest.approx(3e-3) and steps[-1]["lr"] == pytest.approx(3e-4)
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert saved["losses"] == losses and saved["val_loss"] == s["val_loss"]
+    assert saved["losses"] == losses and saved["val_loss"] == s.val_loss
 
 
 def test_same_seeds_same_run_and_data_seed_changes_order(tmp_path):
     a = train.main([*FAST, "--steps", "3", "--eval-batches", "0"])
     b = train.main([*FAST, "--steps", "3", "--eval-batches", "0"])
     c = train.main([*FAST, "--steps", "3", "--eval-batches", "0", "--data-seed", "1"])
-    assert a["losses"] == b["losses"]
-    assert a["losses"][0] != c["losses"][0]
-    assert a["val_loss"] is None and a["data_state"]["step"] == 3
+    assert a.losses == b.losses
+    assert a.losses[0] != c.losses[0]
+    assert a.val_loss is None and a.data_state["step"] == 3
 
 
 def test_other_optimizer_with_opt_args(tmp_path):
     s = run(tmp_path, "--steps", "4", "--optimizer", "la-sqrt-b1depth-cliplayer",
             "--opt-args", "weight_decay=0.0", '{"betas": [0.9, 0.95]}')
-    assert s["hyperparams"] == {"weight_decay": 0.0, "betas": [0.9, 0.95], "lr": 3e-3}
-    assert s["last_loss"] < s["first_loss"]
+    assert s.hyperparams == {"weight_decay": 0.0, "betas": [0.9, 0.95], "lr": 3e-3}
+    assert s.last_loss < s.first_loss
 
 
 # ------------------------------------------------------------------------------------------------
@@ -87,9 +87,9 @@ def test_txt_file_as_data(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text("\n\n".join(write_paragraphs(40)), encoding="utf-8")
     s = run(tmp_path, "--data", str(path), "--steps", "3", "--seq-len", "32", "--batch-size", "4")
-    assert s["data"] == str(path) and len(s["losses"]) == 3 and s["val_loss"] is not None
+    assert s.data == str(path) and len(s.losses) == 3 and s.val_loss is not None
     # built once into the store cache, with exactly the 64 validation windows asked for
-    store = data.open_store(s["store"])
+    store = data.open_store(s.store)
     assert store.manifest["source"]["files"][0][0] == str(path.resolve())
     assert (len(store.part("val")) - 1) // 32 >= 64 and store.manifest["documents"]["read"] == 40
 
@@ -107,18 +107,18 @@ def test_a_store_directory_as_data(tmp_path):
                              data.BuildSettings(max_docs=300, val_tokens=2000), progress=False)
     s = run(tmp_path, "--data", str(store.path), "--steps", "3", "--seq-len", "32",
             "--val-windows", "16")
-    assert s["store"] == str(store.path) and s["store_fingerprint"] == store.fingerprint
-    assert s["tokenizer"] == "byte" and s["data_state"]["store"] == store.fingerprint
-    first = s["losses"]
+    assert s.store == str(store.path) and s.store_fingerprint == store.fingerprint
+    assert s.tokenizer == "byte" and s.data_state["store"] == store.fingerprint
+    first = s.losses
     again = run(tmp_path, "--data", str(store.path), "--steps", "3", "--seq-len", "32",
                 "--val-windows", "16")
-    assert again["losses"] == first
+    assert again.losses == first
 
 
 def test_train_with_bpe_tokenizer(tmp_path):
     s = run(tmp_path, "--tokenizer", "bpe", "--bpe-vocab", "300", "--cache-dir", str(tmp_path),
             "--max-docs", "300", "--steps", "2")
-    assert s["tokenizer"] == "bpe300" and len(list(tmp_path.glob("bpe-*.json"))) == 1
+    assert s.tokenizer == "bpe300" and len(list(tmp_path.glob("bpe-*.json"))) == 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -385,3 +385,23 @@ def test_evaluation_in_chunks_equals_one_pass(tiny_store):
     chunked = train.evaluate(model, windows, 6, 2, torch.device("cpu"), chunk=4)
     assert chunked == pytest.approx(whole, rel=1e-6)
     assert train.evaluate(model, windows, 6, 1, torch.device("cpu")) != pytest.approx(whole, rel=1e-6)
+
+
+def test_run_summary_round_trips_and_reads_other_versions(tmp_path):
+    """summary.json is a RunSummary: written atomically, read back equal; a file of another
+    version (a missing field, an unknown one) still loads; a cut-short file reads as none."""
+    from stratopt_ds.summary import RunSummary
+
+    s = RunSummary(status="diverged", optimizer="stratopt", steps=10, steps_done=4, losses=[1.0, None],
+                   val_losses=[[2, 3.5]], layers=["a", "b"], clip_counts={"a": 1})
+    path = tmp_path / "summary.json"
+    s.write(path)
+    assert RunSummary.read(path) == s and not (tmp_path / "summary.json.tmp").exists()
+    raw = s.to_dict()
+    del raw["layers"]
+    raw["from_the_future"] = 1
+    path.write_text(json.dumps(raw))
+    old = RunSummary.read(path)
+    assert old.layers == [] and old.steps_done == 4
+    path.write_text('{"status": "ok", "val_lo')
+    assert RunSummary.read(path) is None and RunSummary.read(tmp_path / "none.json") is None

@@ -61,7 +61,7 @@ def layer_profile(results: list[RunResult]) -> Optional[LayerProfile]:
         if steps_ref is not None and len(steps) != len(steps_ref):
             continue  # runs of one arm have the same length; skip a truncated log
         steps_ref = steps
-        layers = [short_name(x) for x in r.summary["layers"]]  # train.py always writes them
+        layers = [short_name(x) for x in r.summary.layers]  # train.py always writes them
         with np.errstate(divide="ignore", invalid="ignore"):
             log_norm = np.log2(np.where(norms > 0, norms, np.nan))
         ratios.append(log_norm - np.nanmedian(log_norm, axis=1, keepdims=True))

@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from ..summary import RunSummary
 from .plan import Plan, Run, load_plan
 
 PLAN_COPY, STUDY_FILE, EVENTS_FILE = "plan.yaml", "study.json", "runs.jsonl"
@@ -53,15 +54,15 @@ def run_state(run_dir: Path) -> RunState:
     from ..resume import latest_tag
 
     run_dir = Path(run_dir)
-    summary = read_json(run_dir / "summary.json")
+    summary = RunSummary.read(run_dir / "summary.json")  # written by train.py only when a run ends
     if summary is not None:
-        status = summary.get("status", OK)  # written by train.py only when a run ends
-        if status == OK and finite(summary.get("val_loss")):
+        status = summary.status
+        if status == OK and finite(summary.val_loss):
             return RunState(OK)
         if status == OK:
             return RunState(FAILED, "summary.json has no finite validation loss")
         return RunState(DIVERGED if status == DIVERGED else FAILED,
-                        summary.get("reason") or recorded_reason(run_dir) or f"status {status}")
+                        recorded_reason(run_dir) or f"status {status}")
     recorded = read_json(run_dir / STATUS_FILE)
     if recorded and recorded.get("status") in FAILURES:
         return RunState(recorded["status"], recorded.get("reason", ""))
@@ -84,17 +85,17 @@ class RunResult:
     run: Run
     directory: Path
     state: RunState
-    summary: Optional[dict] = None
+    summary: Optional[RunSummary] = None
 
     @property
     def val_loss(self) -> Optional[float]:
-        return self.summary["val_loss"] if self.state.status == OK else None
+        return self.summary.val_loss if self.state.status == OK else None
 
     @property
     def val_curve(self) -> list[tuple[int, float]]:
         if not self.summary:
             return []
-        return [(int(s), float(v)) for s, v in self.summary.get("val_losses") or [] if finite(v)]
+        return [(int(s), float(v)) for s, v in self.summary.val_losses or [] if finite(v)]
 
 
 @dataclass
@@ -128,7 +129,7 @@ def load_study(directory: str | Path, plan_path: Optional[str | Path] = None) ->
     for run in plan.runs():
         run_dir = run.directory(directory)
         state = run_state(run_dir)
-        summary = read_json(run_dir / "summary.json") if state.status in (OK, DIVERGED) else None
+        summary = RunSummary.read(run_dir / "summary.json") if state.status in (OK, DIVERGED) else None
         results.append(RunResult(run, run_dir, state, summary))
     sessions = (read_json(directory / STUDY_FILE) or {}).get("sessions", [])
     return Study(plan, directory, results, sessions)

@@ -31,6 +31,7 @@ from typing import Any, Optional
 
 from tqdm import tqdm
 
+from ..summary import RunSummary
 from .plan import Plan, Run, data_request, load_plan, steps_of_epochs
 from .results import (DIVERGED, EVENTS_FILE, FAILED, FAILURES, INTERRUPTED, LOG_FILE, OK, PENDING,
                       PID_FILE, PLAN_COPY, SPEC_FILE, STATUS_FILE, STUDY_FILE, RunState, read_json,
@@ -243,8 +244,7 @@ class StudyRunner:
         """train.py's own verdict when it wrote one; otherwise the exit code and the log's end."""
         state = run_state(run_dir)
         if state.status == DIVERGED:
-            summary = read_json(run_dir / "summary.json") or {}
-            return RunState(DIVERGED, divergence_reason(summary))
+            return RunState(DIVERGED, divergence_reason(RunSummary.read(run_dir / "summary.json") or RunSummary()))
         if state.status in (OK, FAILED):
             return state
         return RunState(FAILED, f"exit code {returncode}, no summary.json; log: "
@@ -311,12 +311,12 @@ def epoch_steps(run: Run) -> int:
     return steps_of_epochs(run, len(data_request(run).open(progress=False).train))
 
 
-def divergence_reason(summary: dict) -> str:
-    done, total = summary.get("steps_done"), summary.get("steps")
-    if done is not None and total is not None and done < total:
+def divergence_reason(summary: RunSummary) -> str:
+    done, total = summary.steps_done, summary.steps
+    if done < total:
         return (f"diverged at step {done} of {total}: non-finite loss or skipped updates "
-                f"(last loss {summary.get('last_loss')})")
-    return f"diverged: final validation loss {summary.get('val_loss')} is not finite"
+                f"(last loss {summary.last_loss})")
+    return f"diverged: final validation loss {summary.val_loss} is not finite"
 
 
 def last_line(path: Path) -> str:
