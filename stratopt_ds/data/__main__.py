@@ -21,7 +21,7 @@ from .tokenizer import DEFAULT_BPE_VOCAB
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m stratopt_ds.data",
+    p = argparse.ArgumentParser(prog="stratopt-data",
                                 description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)

@@ -17,7 +17,7 @@ from .runner import Interrupted, StudyError, run_study
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m stratopt_ds.study",
+    p = argparse.ArgumentParser(prog="stratopt-study",
                                 description="Optimizer studies: plans, runs, statistics, report.")
     sub = p.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="validate a plan and list its runs")
