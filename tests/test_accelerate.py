@@ -63,7 +63,7 @@ def test_plugin_removes_a_section_describing_the_optimizer_passed():
 
 @pytest.mark.parametrize("section, optimizer, message", [
     ({"type": "AdamW", "params": {"lr": 1e-3}}, "stratopt",
-     r'has an "optimizer" section of type \'AdamW\'.*Remove the "optimizer" key'),
+     r'optimizer.type \'AdamW\' is not a stratopt_ds optimizer.*Remove the "optimizer" key'),
     ({"type": "StratOpt", "params": {"lr": 3e-3}}, "la-sqrt-b1depth-cliplayer",
      r"optimizer.type 'StratOpt' is not the optimizer passed \(LASqrtB1DepthClipLayer"),
     ({"type": "StratOpt", "params": {"lr": 0.5, "clip_tau": 2.0, "mix_alpha": "auto"}}, "stratopt",

@@ -191,8 +191,8 @@ def test_trainer_refuses_plain_training_arguments(tmp_path):
 
 def test_config_section_naming_another_optimizer_is_refused(tmp_path):  # trap 2
     config = hf_config(optimizer={"type": "AdamW", "params": {"lr": "auto"}})
-    with pytest.raises(ValueError, match=r'has an "optimizer" section of type \'AdamW\'.*flat parameter '
-                                         r'list.*Remove the "optimizer" key'):
+    with pytest.raises(ValueError, match=r'--deepspeed: optimizer.type \'AdamW\' is not a stratopt_ds '
+                                         r'optimizer.*flat parameter list.*Remove the "optimizer" key'):
         ds_args(tmp_path, config)
 
 
@@ -213,7 +213,7 @@ def test_config_section_disagreeing_with_the_trainer_is_refused(tmp_path):
         ds_args(tmp_path, config)
     with pytest.raises(ValueError, match=r"optimizer.params.clip_tau=2.0 vs --optim_args clip_tau=4"):
         ds_args(tmp_path, config, learning_rate=0.003, weight_decay=0.1, optim_args="clip_tau=4")
-    with pytest.raises(ValueError, match=r"--optim adamw disagrees with the DeepSpeed config's "
+    with pytest.raises(ValueError, match=r"--optim 'adamw' conflicts with the DeepSpeed config's "
                                          r"optimizer.type 'StratOpt'"):
         ds_args(tmp_path, config, optim="adamw", learning_rate=0.003, weight_decay=0.1)
 

@@ -196,6 +196,22 @@ def test_dcp_get_set_optimizer_state_dict_round_trip(name, options):
     _assert_same_run(model, opt, resumed, opt2)
 
 
+def test_dcp_flattened_state_dict_is_refused_by_name_and_leaves_the_optimizer_as_it_was():
+    """flatten_optimizer_state_dict=True rebuilds groups from a fresh optimizer's keys, so the
+    layer statistics cannot ride in them: loading says so, and changes nothing."""
+    model, opt = _make("stratopt")
+    _train(model, opt, range(4))
+    flat = StateDictOptions(flatten_optimizer_state_dict=True)
+    saved = _round_trip(get_optimizer_state_dict(model, opt, options=flat))
+    resumed, opt2 = _make("stratopt", seed=99)
+    before = copy.deepcopy(opt2.state_dict())
+    with pytest.raises(ValueError, match="flatten_optimizer_state_dict=True"):
+        set_optimizer_state_dict(resumed, opt2, optim_state_dict=saved, options=flat)
+    after = opt2.state_dict()
+    assert torch.equal(after["param_groups"][0]["layer_stats"]["gbar"],
+                       before["param_groups"][0]["layer_stats"]["gbar"])
+
+
 @pytest.mark.parametrize("kept", ["groups", "top-level"])
 def test_state_dict_keeps_the_statistics_where_dcp_and_older_readers_find_them(kept):
     """Every param_groups entry carries the statistics (DCP keeps those); the top-level key that

@@ -18,6 +18,7 @@ import torch
 import yaml
 
 import stratopt_ds
+import stratopt_ds.deepspeed  # noqa: F401  (the alias module: stratopt_ds.deepspeed.initialize)
 from stratopt_ds import run_policy, train
 from stratopt_ds.integrations.accelerate import deepspeed_plugin
 from stratopt_ds.study.plan import parse_plan
@@ -44,11 +45,11 @@ def _config(tmp_path, clip, engine_clip, with_optimizer=True) -> tuple[dict, Pat
 def via_train(tmp_path, clip, engine_clip, capsys):
     _, path = _config(tmp_path, clip, engine_clip)
     try:
-        args = train.parse_args(["--deepspeed_config", str(path), "--data", "synthetic", "--steps", "2",
-                                 "--batch-size", "16", "--preset", "tiny"])
+        run = train.resolve_args(["--deepspeed_config", str(path), "--data", "synthetic", "--steps", "2",
+                                  "--batch-size", "16", "--preset", "tiny"])
     except SystemExit:
         return "refused", capsys.readouterr().err
-    return args.ds_config["gradient_clipping"], ""
+    return run.prepared.deepspeed["gradient_clipping"], ""
 
 
 def via_deepspeed_initialize(tmp_path, clip, engine_clip, capsys, monkeypatch):
@@ -154,3 +155,73 @@ def test_the_rule_itself():
         run_policy.check_optimizer("nope", {})
     with pytest.raises(ValueError, match=r"invalid clip='sometimes'"):
         run_policy.check_optimizer("stratopt", {"clip": "sometimes"})
+
+
+# ------------------------------------------------------------------------------------------------
+# run_policy.prepare: the one function every entry point calls
+
+
+def _request(**kwargs) -> run_policy.RunRequest:
+    return run_policy.RunRequest(**kwargs)
+
+
+def test_prepare_resolves_the_optimizer_from_request_section_or_default():
+    config = {"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 2,
+              "optimizer": {"type": "StratOpt", "params": {"lr": 2e-3, "beta3": 0.99, "eps": "auto"}}}
+    prepared = run_policy.prepare(_request(deepspeed=config, steps=40, default_lr=1e-3))
+    assert prepared.optimizer == "stratopt" and prepared.lr == 2e-3  # the section's lr
+    assert prepared.hyperparams == {"beta3": 0.99, "lr": 2e-3, "t_alpha": 40, "t_beta3": 40}
+    assert "optimizer" not in prepared.deepspeed and "optimizer" in config  # a prepared copy
+    assert prepared.deepspeed["zero_allow_untested_optimizer"] is True
+    assert prepared.deepspeed["gradient_clipping"] == 0.0 and prepared.clip_mode == "layer"
+    assert prepared.notes and "gradient_clipping is set to 0" in prepared.notes[0]
+    # the request's lr wins over the section's; the request's keywords over its params
+    prepared = run_policy.prepare(_request(deepspeed=config, lr=5e-4, opt_args={"beta3": 0.9}))
+    assert prepared.lr == 5e-4 and prepared.hyperparams["beta3"] == 0.9
+    # no section, no name: stratopt with the default lr; no engine: no engine clip, no note
+    prepared = run_policy.prepare(_request(default_lr=1e-3))
+    assert (prepared.optimizer, prepared.lr, prepared.engine_clip, prepared.notes) == \
+        ("stratopt", 1e-3, 0.0, [])
+
+
+@pytest.mark.parametrize("request_kwargs, words", [
+    (dict(optimizer="adamw", deepspeed={"optimizer": {"type": "StratOpt"}}),
+     ["--optimizer 'adamw' conflicts", "optimizer.type 'StratOpt'"]),
+    (dict(deepspeed={"optimizer": {"type": "Adam"}}),
+     ["optimizer.type 'Adam' is not a stratopt_ds optimizer", "available"]),
+    (dict(opt_args={"lr": 0.1}), ["--opt-args", "--lr"]),
+    (dict(opt_args={"beta3": 2.0}), ["--opt-args", "beta3"]),
+    (dict(lr=float("nan")), ["--lr", "finite number > 0", "nan"]),
+    (dict(deepspeed={"gradient_accumulation_steps": 0}, batch_size=8),
+     ["gradient_accumulation_steps=0", "integer >= 1"]),
+    (dict(deepspeed={"gradient_accumulation_steps": 3}, batch_size=8, ranks=2),
+     ["--batch-size 8", "2 x 3"]),
+    (dict(deepspeed={"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+                     "zero_force_ds_cpu_optimizer": True}),
+     ["zero_force_ds_cpu_optimizer=true", "DeepSpeedCPUAdam"]),
+])
+def test_prepare_refuses_naming_the_setting(request_kwargs, words):
+    with pytest.raises(run_policy.PolicyError) as err:
+        run_policy.prepare(_request(**request_kwargs))
+    for word in words:
+        assert word in str(err.value), (word, str(err.value))
+
+
+def test_prepare_words_its_messages_in_the_callers_terms():
+    names = run_policy.Settings(opt_args="--optim_args", lr="--learning_rate", batch="batch_size")
+    with pytest.raises(run_policy.PolicyError, match="--optim_args: set the learning rate with --learning_rate"):
+        run_policy.prepare(_request(opt_args={"lr": 1.0}, names=names))
+    with pytest.raises(run_policy.PolicyError, match="batch_size 5 is not divisible"):
+        run_policy.prepare(_request(deepspeed={}, batch_size=5, ranks=2, names=names))
+
+
+def test_prepare_takes_an_optimizer_instance_as_it_is():
+    model = torch.nn.Linear(3, 3)
+    ours = stratopt_ds.create_optimizer("stratopt", model, clip="global")
+    prepared = run_policy.prepare(_request(optimizer=ours, deepspeed={"zero_optimization": {
+        "stage": 1, "offload_optimizer": {"device": "cpu"}}}))
+    assert prepared.optimizer is None and prepared.hyperparams == {} and prepared.clip_mode == "global"
+    assert prepared.deepspeed["zero_force_ds_cpu_optimizer"] is False
+    foreign = torch.optim.SGD(model.parameters(), lr=0.1)
+    prepared = run_policy.prepare(_request(optimizer=foreign, deepspeed={}))
+    assert prepared.clip_mode == "none" and prepared.engine_clip == 1.0  # DeepSpeed's default

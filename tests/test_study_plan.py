@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from stratopt_ds.optim import available_optimizers
+from stratopt_ds.train_config import TrainConfig
 from stratopt_ds.study.plan import PlanError, load_plan, parse_plan
 from stratopt_ds.study.runner import StudyError, StudyRunner, run_study
 
@@ -107,8 +108,9 @@ def test_protocol_a_expands_to_195_runs_of_paired_seeds():
                                 if r.size == size.name and r.arm == a.name) for a in plan.arms}
         assert len({tuple(v) for v in seeds.values()}) == 1 and len(seeds["adamw"]) == 5
     run = next(r for r in runs if r.size == "1b" and r.arm == "la-sqrt-b1depth-cliplayer")
-    args = run.train_args(run.train["steps"])
-    assert args[args.index("--steps") + 1] == "10000" and args[args.index("--lr") + 1] == "0.0003"
+    config = run.train_config(run.train["steps"])
+    assert config.steps == 10000 and config.lr == 0.0003 and config.optimizer == run.optimizer
+    assert (config.seed, config.data_seed, config.preset) == (run.seed, run.data_seed, "1b")
     assert run.deepspeed.num_gpus == 8 and run.deepspeed.config.endswith("ds_configs/1b_zero2.json")
 
 
@@ -120,12 +122,15 @@ def test_protocol_a_deepspeed_command_drops_the_config_optimizer(tmp_path):
     runner = StudyRunner(plan, PLANS / "protocol_a.yaml", tmp_path, 1, False, False)
     argv = runner.command(run, tmp_path, 10000, resume=True)
     assert Path(argv[0]).name == "deepspeed"
-    assert argv[1:6] == ["--num_gpus", "8", "--module", "stratopt_ds.train", "--deepspeed_config"]
-    config = json.loads(Path(argv[6]).read_text())
+    assert argv[1:] == ["--num_gpus", "8", "--module", "stratopt_ds.train", "--config",
+                        str(tmp_path / "train_config.json")]
+    run_config = TrainConfig.read(argv[-1])  # what the training entry reads: no argument lists
+    config = json.loads(Path(run_config.deepspeed_config).read_text())
     shipped = json.loads((ROOT / "ds_configs" / "134m_zero2.json").read_text())
     assert "optimizer" not in config and config["zero_optimization"] == shipped["zero_optimization"]
-    assert argv[argv.index("--optimizer") + 1] == "adamw" and "--resume" in argv
-    opt_args = json.loads(argv[argv.index("--opt-args") + 1])
+    assert run_config.optimizer == "adamw" and run_config.resume and run_config.out == str(tmp_path)
+    assert run_config.steps == 10000 and not run_config.progress
+    opt_args = run_config.opt_args
     assert opt_args == {"clip": "global", "clip_threshold": 1.0}
 
 

@@ -18,6 +18,7 @@ from PIL import Image
 from stratopt_ds.study.report import write_report
 from stratopt_ds.study.results import DIVERGED, INTERRUPTED, OK, PID_FILE, run_state
 from stratopt_ds.study.runner import StudyError, run_study
+from stratopt_ds.train_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CI_PLAN = ROOT / "stratopt_ds" / "study" / "plans" / "ci_tiny.yaml"
@@ -185,7 +186,8 @@ def test_killed_run_resumes_from_its_checkpoint_with_the_same_losses(tmp_path, m
     assert [e["resumed"] for e in events(out)] == [True]
     log = (run_dir / "train.log").read_text()
     attempts = [line for line in log.splitlines() if line.startswith("==== ")]
-    assert len(attempts) == 2 and "--resume" not in attempts[0] and attempts[1].endswith("--resume")
+    assert len(attempts) == 2 and " start: " in attempts[0] and " resume: " in attempts[1]
+    assert TrainConfig.read(run_dir / "train_config.json").resume  # the last attempt's config
     assert "resumed from" in log
     resumed = json.loads((run_dir / "summary.json").read_text())
     assert 10 <= resumed["resumed_from"] < 60

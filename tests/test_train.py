@@ -225,9 +225,9 @@ def test_bad_deepspeed_settings_fail_before_any_process_group(tmp_path, override
     argv = ["--deepspeed_config", write_ds_config(tmp_path, **overrides), "--batch-size", "16",
             *extra]
     if not words:
-        args = train.parse_args(argv)  # accepted
-        assert args.optimizer == "stratopt" and args.hyperparams["clip"] == "global"
-        assert args.lr == 1e-3 and args.ranks == 2  # the config's lr when --lr is not given
+        run = train.resolve_args(argv)  # accepted
+        assert run.config.optimizer == "stratopt" and run.hyperparams["clip"] == "global"
+        assert run.config.lr == 1e-3 and run.ranks == 2  # the config's lr when --lr is not given
         return
     assert_refused_before_any_work(argv, words, capsys, monkeypatch)
     assert not torch.distributed.is_initialized()

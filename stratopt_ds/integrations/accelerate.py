@@ -10,8 +10,9 @@
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     bind_prepared(model, optimizer)           # checks DeepSpeed steps *our* optimizer, binds it
 
-:func:`deepspeed_plugin` prepares the DeepSpeed config for the optimizer you pass, because
-accelerate's DeepSpeed path has two silent traps for a client optimizer:
+:func:`deepspeed_plugin` prepares the DeepSpeed config for the optimizer you pass through the run
+policy (:func:`stratopt_ds.run_policy.prepare`), because accelerate's DeepSpeed path has two
+silent traps for a client optimizer:
 
 * with optimizer offload, accelerate replaces any client optimizer by DeepSpeedCPUAdam unless
   the config says ``"zero_force_ds_cpu_optimizer": false``: the plugin's config says so;
@@ -20,9 +21,8 @@ accelerate's DeepSpeed path has two silent traps for a client optimizer:
   pass (the shipped configs do) is checked against it, key by key, and removed; any other
   section is refused with an error naming the key.
 
-Gradient clipping follows the one rule of :mod:`stratopt_ds.run_policy` (through
-:func:`stratopt_ds.deepspeed.prepare_config`): an optimizer that clips itself turns DeepSpeed's
-default ``gradient_clipping=1.0`` off, and is refused with a config that sets one.
+Gradient clipping follows the one rule of the run policy: an optimizer that clips itself turns
+DeepSpeed's default ``gradient_clipping=1.0`` off, and is refused with a config that sets one.
 
 On a machine without an accelerator DeepSpeed runs on CPU with gloo, but accelerate's
 ``PartialState`` then finds no distributed backend and tells every rank it is the only process
@@ -35,30 +35,14 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Mapping, Optional
 
-from .deepspeed import (load_config, offloads_optimizer, prepare_config,
-                        release_cpu_comm_shm, resolve_optimizer_name)
+from .. import run_policy
+from .deepspeed import SETTINGS, load_config, log_notes, release_cpu_comm_shm
 from ..optim import LayerwiseAdam
-from ..run_policy import optimizer_clip_mode
+from ..run_policy import offloads_optimizer, resolve_optimizer_name
 
 
 # ------------------------------------------------------------------------------------------------
 # The DeepSpeed config
-
-
-def refuse_foreign_optimizer_section(config: Mapping[str, Any]) -> Optional[dict]:
-    """The config's ``"optimizer"`` section when it names one of ours; raise if it names another."""
-    section = config.get("optimizer")
-    if section is None:
-        return None
-    type_name = str(section.get("type", ""))
-    if resolve_optimizer_name(type_name) is None:
-        raise ValueError(
-            f'the DeepSpeed config has an "optimizer" section of type {type_name!r}: DeepSpeed would '
-            "then build that optimizer itself over one flat parameter list (the decay/no-decay "
-            "groups and parameter names are lost) instead of the stratopt_ds optimizer. Remove the "
-            '"optimizer" key from the config, or name a stratopt_ds optimizer there '
-            "(stratopt_ds.available_optimizers())")
-    return section
 
 
 def same_value(a: Any, b: Any) -> bool:
@@ -105,15 +89,19 @@ def check_section_matches_optimizer(section: Mapping[str, Any], optimizer: Layer
 
 
 def prepare_for_optimizer(config: dict, optimizer: Any) -> dict:
-    """Make a DeepSpeed config (in place) keep ``optimizer`` as DeepSpeed's client optimizer."""
-    section = refuse_foreign_optimizer_section(config)
+    """Make a DeepSpeed config (in place) keep ``optimizer`` as DeepSpeed's client optimizer: the
+    run policy's preparation, and a section naming ours must describe ``optimizer``."""
+    prepared = run_policy.prepare(run_policy.RunRequest(optimizer=optimizer, deepspeed=config, names=SETTINGS))
+    section = config.get("optimizer")  # the policy refused one naming another optimizer
     if section is not None:
         if not isinstance(optimizer, LayerwiseAdam):
             raise ValueError(f'the DeepSpeed config names {section.get("type")!r} in its "optimizer" '
                              f"section but a {type(optimizer).__name__} is passed; remove the key")
-        check_section_matches_optimizer(section, optimizer)
-        del config["optimizer"]
-    return prepare_config(config, optimizer_clip_mode(optimizer))  # "auto": nothing to fill it from
+        check_section_matches_optimizer(section, optimizer)  # it would be ignored: it must agree
+    log_notes(prepared)
+    config.clear()  # in place: an existing plugin holds this dict
+    config.update(prepared.deepspeed)
+    return config
 
 
 def deepspeed_plugin(config_or_plugin: Any, optimizer: Any, **plugin_kwargs):

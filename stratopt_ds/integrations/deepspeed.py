@@ -2,18 +2,24 @@
 
 Use it exactly like ``deepspeed.initialize``. When the config's ``"optimizer"`` names one of
 :func:`stratopt_ds.available_optimizers` (``"stratopt"``) or one of our class names
-(``"StratOpt"``), it
+(``"StratOpt"``), or the optimizer passed is an instance of ours, the request goes through the
+run policy (:func:`stratopt_ds.run_policy.prepare`), which
 
-* builds the optimizer itself from the model's *named* parameters (decay / no-decay groups,
-  layer ids and block depths from the names), with ``"params"`` as hyperparameters;
+* validates the section's ``"params"`` as hyperparameters (``lr`` included, ``"auto"`` values
+  left to the defaults), and :func:`initialize` builds the optimizer itself from the model's
+  *named* parameters (decay / no-decay groups, layer ids and block depths from the names);
 * sets what DeepSpeed needs for a client optimizer under ZeRO: ``zero_allow_untested_optimizer``
   and, with optimizer offload, ``zero_force_ds_cpu_optimizer: false`` (otherwise DeepSpeed
   would refuse it, and accelerate would silently swap in DeepSpeedCPUAdam);
-* makes gradient clipping explicit, by the one rule of :mod:`stratopt_ds.run_policy`: DeepSpeed
-  clips the global norm to 1.0 when the config says nothing; if our optimizer clips itself
-  (``clip`` is not ``"none"``) that default is turned off and the log says so, and a config that
-  sets ``gradient_clipping > 0`` for such an optimizer is refused (it would clip twice);
-* binds the optimizer to the ZeRO wrapper, so per-layer norms are exact across partitions.
+* makes gradient clipping explicit, by the one rule of the run policy: DeepSpeed clips the
+  global norm to 1.0 when the config says nothing; if our optimizer clips itself (``clip`` is not
+  ``"none"``) that default is turned off and the log says so, and a config that sets
+  ``gradient_clipping > 0`` for such an optimizer is refused (it would clip twice);
+* removes the section (next to an instance of ours, it must name one of ours too);
+
+and :func:`initialize` binds the optimizer to the ZeRO wrapper, so per-layer norms are exact
+across partitions. :func:`prepare_config` is the config step alone, for an optimizer known by its
+clip mode.
 
 Any other config is passed to ``deepspeed.initialize`` unchanged, and an optimizer instance or
 callable of ours given to plain ``deepspeed.initialize`` binds itself at its first step.
@@ -27,23 +33,17 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from ..optim import OPTIMIZER_CLASSES, available_optimizers, create_optimizer
+from .. import run_policy
+from ..optim import available_optimizers, create_optimizer
 from ..optim.optimizer import LayerwiseAdam
-from ..run_policy import engine_clipping, optimizer_clip_mode
+# offloads_optimizer and resolve_optimizer_name are also this module's API (accelerate, tests)
+from ..run_policy import offloads_optimizer, resolve_optimizer_name
 
 logger = logging.getLogger(__name__)
 
 _OUR_PREFIXES = ("stratopt", "la-", "la_", "layerwise")  # a typo of ours, not a DeepSpeed name
-
-
-def resolve_optimizer_name(type_name: str) -> Optional[str]:
-    """'stratopt' or 'StratOpt' -> 'stratopt'; None when it is not one of ours."""
-    if type_name in OPTIMIZER_CLASSES:
-        return type_name
-    for name, cls in OPTIMIZER_CLASSES.items():
-        if cls.__name__ == type_name:
-            return name
-    return None
+# How the run policy names the settings of a DeepSpeed config (initialize, prepare_config, accelerate).
+SETTINGS = run_policy.Settings(lr="optimizer.params.lr", config="the DeepSpeed config")
 
 
 def load_config(config: Any, args: Any = None) -> dict:
@@ -63,33 +63,33 @@ def load_config(config: Any, args: Any = None) -> dict:
         raise ValueError(f"DeepSpeed config {config!r} is not valid JSON: {err}") from None
 
 
-def offloads_optimizer(config: dict) -> bool:
-    zero = config.get("zero_optimization") or {}
-    device = (zero.get("offload_optimizer") or {}).get("device", "none")
-    return zero.get("stage", 0) > 0 and device not in (None, "none")
-
-
-def keep_client_optimizer_under_offload(config: dict, what: str = "stratopt_ds optimizer") -> None:
-    """Under optimizer offload DeepSpeed swaps a client optimizer for DeepSpeedCPUAdam unless
-    ``zero_force_ds_cpu_optimizer`` is false: set it (in place), and refuse a config saying true."""
-    if not offloads_optimizer(config):
-        return
-    if config.get("zero_force_ds_cpu_optimizer") is True:
-        raise ValueError(f"zero_force_ds_cpu_optimizer=true would replace the {what} by "
-                         "DeepSpeedCPUAdam under offload; remove it or set it to false")
-    config["zero_force_ds_cpu_optimizer"] = False
+def log_notes(prepared: run_policy.PreparedRun) -> None:
+    """Warn of what the run policy changed from DeepSpeed's defaults (e.g. clipping turned off)."""
+    for note in prepared.notes:
+        logger.warning("stratopt_ds: %s", note)
 
 
 def prepare_config(config: dict, clip_mode: str) -> dict:
     """Set the flags a client optimizer needs, and the gradient clipping of the run policy
-    (``clip_mode``: the optimizer's, :func:`stratopt_ds.run_policy.optimizer_clip_mode`), in place."""
-    if config.get("zero_optimization", {}).get("stage", 0) > 0:
-        config["zero_allow_untested_optimizer"] = True
-        keep_client_optimizer_under_offload(config)
-    config["gradient_clipping"], notes = engine_clipping(config.get("gradient_clipping"), clip_mode)
-    for note in notes:
-        logger.warning("stratopt_ds: %s", note)
+    (``clip_mode``: the optimizer's, :func:`stratopt_ds.run_policy.optimizer_clip_mode`), in place.
+    An ``"optimizer"`` section is the caller's: it is left as it is."""
+    rest = {key: value for key, value in config.items() if key != "optimizer"}
+    prepared = run_policy.prepare(run_policy.RunRequest(deepspeed=rest, clip_mode=clip_mode, names=SETTINGS))
+    log_notes(prepared)
+    config.update(prepared.deepspeed)
     return config
+
+
+def section_optimizer(config: dict) -> Optional[str]:
+    """Our optimizer's name when the config's ``"optimizer"`` section names one; None for
+    DeepSpeed's own names (they pass through), an error for a misspelt one of ours."""
+    section = config.get("optimizer")
+    type_name = str(section.get("type", "")) if isinstance(section, dict) else ""
+    name = resolve_optimizer_name(type_name)
+    if name is None and type_name.lower().startswith(_OUR_PREFIXES):
+        raise ValueError(f"unknown optimizer type {type_name!r} in the DeepSpeed config; available: "
+                         f"{', '.join(available_optimizers())}")
+    return name
 
 
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None,
@@ -98,25 +98,19 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     import deepspeed
 
     config = load_config(config if config is not None else kwargs.pop("config_params", None), args)
-    section = config.get("optimizer") or {}
-    type_name = str(section.get("type", ""))
-    name = resolve_optimizer_name(type_name) if optimizer is None else None
-    if optimizer is None and name is None and type_name.lower().startswith(_OUR_PREFIXES):
-        raise ValueError(f"unknown optimizer type {type_name!r} in the DeepSpeed config; available: "
-                         f"{', '.join(available_optimizers())}")
-    if name is not None:
-        if model is None:
-            raise ValueError("the config names a stratopt_ds optimizer: pass model= so its named "
-                             "parameter groups can be built")
-        params = dict(section.get("params") or {})
-        if model_parameters is not None:
-            optimizer = create_optimizer(name, model_parameters, **params)
-        else:
-            optimizer = create_optimizer(name, model, **params)
-        del config["optimizer"]
-        model_parameters = None
-    if isinstance(optimizer, LayerwiseAdam) or name is not None:
-        prepare_config(config, optimizer_clip_mode(optimizer))
+    name = section_optimizer(config) if optimizer is None else None
+    if name is not None and model is None:
+        raise ValueError("the config names a stratopt_ds optimizer: pass model= so its named "
+                         "parameter groups can be built")
+    if name is not None or isinstance(optimizer, LayerwiseAdam):
+        prepared = run_policy.prepare(run_policy.RunRequest(
+            optimizer=name or optimizer, deepspeed=config, names=SETTINGS))
+        log_notes(prepared)
+        config = prepared.deepspeed
+        if name is not None:
+            params = model if model_parameters is None else model_parameters
+            optimizer = create_optimizer(name, params, **prepared.hyperparams)
+            model_parameters = None
     if args is not None and getattr(args, "deepspeed_config", None) is not None:
         args = copy.copy(args)
         args.deepspeed_config = None  # the prepared dict is the config now
@@ -172,5 +166,5 @@ def release_cpu_comm_shm() -> Optional[Path]:
 _released: set[Path] = set()  # names this process has released (one barrier per job)
 
 
-__all__ = ["initialize", "load_config", "prepare_config", "release_cpu_comm_shm",
+__all__ = ["initialize", "load_config", "offloads_optimizer", "prepare_config", "release_cpu_comm_shm",
            "resolve_optimizer_name"]

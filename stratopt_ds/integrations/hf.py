@@ -22,6 +22,11 @@ optimizer mixes a slow momentum (``mix_alpha > 0``), its warm-ups ``t_alpha``/``
 run (``max_steps``) unless set, as in ``python -m stratopt_ds.train``.
 ``optimizer_cls_and_kwargs=(OurClass, kwargs)`` gets the same named groups.
 
+**The run policy.** :class:`StratTrainingArguments` hands ``--optim``, the hyperparameters,
+``--max_grad_norm`` and the DeepSpeed config to :func:`stratopt_ds.run_policy.prepare` (once, in
+``__post_init__``; the Trainer resolves the hyperparameters again when it builds the optimizer,
+from the arguments as they are then); the rules of transformers itself are checked here.
+
 **Gradient clipping** follows the one rule of :mod:`stratopt_ds.run_policy`. ``max_grad_norm``
 defaults to None: the DeepSpeed config's ``gradient_clipping`` when it sets one, else 0 (off) for
 an optimizer that clips itself (``clip`` != ``"none"``), else 1.0 (the Trainer's default). It is
@@ -50,6 +55,7 @@ DeepSpeed the arguments also create accelerate's process state over gloo
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -63,17 +69,15 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.training_args import OptimizerNames
 
 from .. import run_policy
-from .accelerate import bind_prepared, distributed_state, refuse_foreign_optimizer_section, section_mismatches
+from .accelerate import bind_prepared, distributed_state, section_mismatches
 from ..data import WindowDataset, WindowSampler
 from .hf_callback import install_layer_stats
-from .deepspeed import keep_client_optimizer_under_offload, load_config, prepare_config, resolve_optimizer_name
+from .deepspeed import load_config
 from ..optim import LayerwiseAdam, available_optimizers, create_optimizer
-from ..optim.config import with_run_length_warmups
-from ..run_policy import parse_opt_args
+from ..run_policy import DEFAULT_OPTIMIZER, parse_opt_args
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_OPTIMIZER = "stratopt"
 OUR_NAMES = tuple(available_optimizers())
 HF_NAMES = tuple(name.value for name in OptimizerNames)
 OPTIM_CHOICES = OUR_NAMES + tuple(n for n in HF_NAMES if n not in OUR_NAMES)
@@ -81,6 +85,11 @@ OPTIM_CHOICES = OUR_NAMES + tuple(n for n in HF_NAMES if n not in OUR_NAMES)
 # accepts no other names, and this one has no side effects there.
 _ENUM_STAND_IN = "adamw_torch"
 TESTED_TRANSFORMERS_MAJOR = 5
+# How the run policy names the Trainer's settings (clip: --max_grad_norm or the config's gradient_clipping).
+SETTINGS = run_policy.Settings(optimizer="--optim", opt_args="--optim_args", lr="--learning_rate",
+                               clip="--max_grad_norm", config="--deepspeed")
+# A transformers optimizer in a run-policy request: not one of ours, so it does not clip itself.
+_TRANSFORMERS_OPTIMIZER = object()
 # The Trainer arguments that set an optimizer hyperparameter.
 _TRAINER_FLAGS = {"lr": "--learning_rate", "betas": "--adam_beta1/--adam_beta2", "eps": "--adam_epsilon",
                   "weight_decay": "--weight_decay"}
@@ -150,67 +159,63 @@ def parse_optim_args(text: Optional[str]) -> dict[str, Any]:
 # Resolving the optimizer, its hyperparameters and the DeepSpeed config
 
 
-def resolve_optim(optim: Optional[str], section: Optional[dict]) -> str:
-    """The optimizer name from ``--optim`` and a DeepSpeed section naming one of ours."""
-    from_config = resolve_optimizer_name(str(section.get("type"))) if section else None
+def resolve_optim(optim: Optional[str], section: Optional[dict]) -> Optional[str]:
+    """``--optim`` as a plain name, or None (the run policy picks the section's, else its default).
+    The run policy checks one of our names against a section naming ours; a transformers name
+    next to such a section is refused here."""
     if optim is None:
-        return from_config or DEFAULT_OPTIMIZER
+        return None
     optim = getattr(optim, "value", optim)  # an OptimizerNames member
     if optim not in OPTIM_CHOICES:
         raise ValueError(f"--optim {optim!r} is not an optimizer name; available: stratopt_ds: "
                          f"{', '.join(OUR_NAMES)}; transformers: {', '.join(HF_NAMES)}")
-    if from_config is not None and optim != from_config:
+    if section is not None and optim not in OUR_NAMES:  # the run policy checks our names against it
         raise ValueError(f"--optim {optim} disagrees with the DeepSpeed config's optimizer.type "
                          f"{section['type']!r}; leave --optim out or make them agree")
     return optim
 
 
-def trainer_hyperparams(args: "StratTrainingArguments") -> dict[str, Any]:
-    """The keywords of ``args.optim``: Trainer args, the config section, then ``--optim_args``."""
-    run_policy.refuse_lr_in_args(parse_optim_args(args.optim_args), "--optim_args", "--learning_rate")
-    # the section's own params never repeat a key given here (section_params drops them)
-    return {**given_hyperparams(args), **args.optimizer_section_params}
+def trainer_opt_args(args: "StratTrainingArguments") -> dict[str, Any]:
+    """The hyperparameters besides the learning rate: --adam_*, --weight_decay, --optim_args."""
+    return {"betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon,
+            "weight_decay": args.weight_decay, **parse_optim_args(args.optim_args)}
 
 
-def given_hyperparams(args: "StratTrainingArguments") -> dict[str, Any]:
-    """What the Trainer arguments say: --learning_rate, --adam_*, --weight_decay, --optim_args."""
-    return {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2),
-            "eps": args.adam_epsilon, "weight_decay": args.weight_decay,
-            **parse_optim_args(args.optim_args)}
+def policy_request(args: "StratTrainingArguments", **request) -> run_policy.RunRequest:
+    """Our optimizer as the Trainer's settings ask for it; ``request``: the rest of the request."""
+    return run_policy.RunRequest(optimizer=args.optim, opt_args=trainer_opt_args(args),
+                                 lr=args.learning_rate, **request)
 
 
-def check_hyperparams(name: str, hp: dict[str, Any]) -> str:
-    """The run policy's check of the keywords (bad values fail now, not at step 0); the clip mode."""
-    try:
-        return run_policy.check_optimizer(name, hp)
-    except ValueError as err:
-        raise ValueError(f"--optim {name} with --optim_args/learning_rate/adam_*: {err}") from None
+def trainer_hyperparams(args: "StratTrainingArguments", steps: Optional[int] = None) -> dict[str, Any]:
+    """The keywords of ``args.optim`` by the run policy, from the arguments as they are now (a
+    hyperparameter search changes them): Trainer args and ``--optim_args`` over the config
+    section's params; with ``steps``, the slow momentum warms up over the run."""
+    section = args.deepspeed_optimizer_section  # the policy reads it from a config, as in __post_init__
+    request = policy_request(args, deepspeed={"optimizer": section} if section else None, steps=steps,
+                             names=SETTINGS)
+    return run_policy.prepare(request).hyperparams
 
 
-def section_params(section: dict, args: "StratTrainingArguments") -> dict[str, Any]:
-    """A section naming our optimizer, as hyperparameters (checked against the Trainer args)."""
-    given = given_hyperparams(args)
-    bad = section_mismatches(section, given, lambda key: _TRAINER_FLAGS.get(key, f"--optim_args {key}"))
+def check_section_agrees(section: dict, args: "StratTrainingArguments") -> None:
+    """transformers' rule for its own keys: an explicit section value must match the Trainer args."""
+    bad = section_mismatches(section, {"lr": args.learning_rate, **trainer_opt_args(args)},
+                             lambda key: _TRAINER_FLAGS.get(key, f"--optim_args {key}"))
     if bad:
         raise ValueError("the DeepSpeed config's optimizer section disagrees with the Trainer's "
                          "arguments (transformers has the same rule for its own keys):\n  " + "\n  ".join(bad) +
                          '\nset these config values to "auto", or pass the same values')
-    return {k: v for k, v in (section.get("params") or {}).items()
-            if v != "auto" and k not in given}
 
 
-def resolve_max_grad_norm(value: Optional[float], config: Optional[dict], clip_mode: str) -> float:
-    """See the module doc: the config's value, else off for a self-clipping optimizer, else 1.0."""
+def given_clip(value: Optional[float], config: Optional[dict]) -> tuple[Optional[float], str]:
+    """The engine's global clip as given, and the setting that gives it: ``--max_grad_norm``, else
+    the config's ``gradient_clipping`` (both given: they must agree, as transformers has it)."""
     in_config = (config or {}).get("gradient_clipping")
     in_config = None if in_config == "auto" else in_config
     if value is not None and in_config is not None and not math.isclose(float(in_config), value):
         raise ValueError(f"--max_grad_norm {value} disagrees with the DeepSpeed config's "
                          f"gradient_clipping={in_config}; leave one out or make them agree")
-    given, setting = (value, "--max_grad_norm") if value is not None else (in_config, "gradient_clipping")
-    resolved, notes = run_policy.engine_clipping(given, clip_mode, setting)
-    for note in notes:
-        logger.info("stratopt_ds: %s", note)
-    return resolved
+    return (value, "--max_grad_norm") if value is not None else (in_config, "gradient_clipping")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -232,10 +237,10 @@ class StratTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         config = load_config(self.deepspeed) if self.deepspeed else None
-        clip_mode = self._resolve_optimizer(config)
-        self.max_grad_norm = resolve_max_grad_norm(self.max_grad_norm, config, clip_mode)
+        prepared = self._prepare(config)
+        self.max_grad_norm = prepared.engine_clip
         if config is not None:
-            self.deepspeed = self._prepared_config(config, clip_mode)
+            self.deepspeed = prepared.deepspeed  # what the Trainer's plugin gets
             self._use_cpu_distributed_state()
         if not self.uses_stratopt:
             super().__post_init__()
@@ -246,29 +251,34 @@ class StratTrainingArguments(TrainingArguments):
         finally:
             self.optim = name
 
-    def _resolve_optimizer(self, config: Optional[dict]) -> str:
-        """Set ``optim`` (and the config section's hyperparameters); check the hyperparameters.
-        Returns the optimizer's clip mode ('none' for a transformers optimizer)."""
-        section = refuse_foreign_optimizer_section(config) if config else None  # trap 2
+    def _prepare(self, config: Optional[dict]) -> run_policy.PreparedRun:
+        """Resolve ``optim`` and the engine's clip by the run policy, and prepare the config."""
+        section = run_policy.optimizer_section(config, SETTINGS) if config else None  # trap 2
         self.optim = resolve_optim(self.optim, section)
-        self.optimizer_section_params = section_params(section, self) if section else {}
-        if not self.uses_stratopt:
-            return "none"
-        if self.optim in HF_NAMES:
-            logger.info("--optim %s: stratopt_ds's optimizer of that name, not transformers'", self.optim)
-        return check_hyperparams(self.optim, trainer_hyperparams(self))
+        self.deepspeed_optimizer_section = section  # translated: the Trainer builds ours from it
+        clip, clip_setting = given_clip(self.max_grad_norm, config)
+        names = dataclasses.replace(SETTINGS, clip=clip_setting)
+        if self.optim is not None and self.optim not in OUR_NAMES:
+            # transformers' optimizer: the clipping rule only; the Trainer prepares the config
+            prepared = run_policy.prepare(run_policy.RunRequest(
+                optimizer=_TRANSFORMERS_OPTIMIZER, engine_clip=clip, names=names))
+            if config is not None:
+                prepared.deepspeed = {**config, "gradient_clipping": prepared.engine_clip}
+        else:
+            if section is not None:
+                check_section_agrees(section, self)
+            # ZeRO flags, the offload flag (trap 3), the section translated (trap 2)
+            prepared = run_policy.prepare(policy_request(self, deepspeed=config, engine_clip=clip, names=names))
+            self.optim = prepared.optimizer
+            if self.optim in HF_NAMES:
+                logger.info("--optim %s: stratopt_ds's optimizer of that name, not transformers'", self.optim)
+        for note in prepared.notes:
+            logger.info("stratopt_ds: %s", note)
+        return prepared
 
     @property
     def uses_stratopt(self) -> bool:
         return self.optim in OUR_NAMES
-
-    def _prepared_config(self, config: dict, clip_mode: str) -> dict:
-        """The DeepSpeed config the Trainer's plugin gets (``args.deepspeed`` becomes this dict)."""
-        config.pop("optimizer", None)  # translated above (a foreign one was refused)
-        config["gradient_clipping"] = self.max_grad_norm
-        if self.uses_stratopt:
-            prepare_config(config, clip_mode)  # ZeRO flags, offload flag (trap 3)
-        return config
 
     def _use_cpu_distributed_state(self) -> None:
         """Make transformers reuse the gloo state on CPU-only DeepSpeed (stratopt_ds.integrations.accelerate)."""
@@ -377,14 +387,14 @@ class StratTrainer(Trainer):
 
     def _build_stratopt(self, model: nn.Module) -> LayerwiseAdam:
         steps = getattr(self.state, "max_steps", 0) or self.args.max_steps
-        hp = with_run_length_warmups(self.args.optim, trainer_hyperparams(self.args), steps)
+        hp = trainer_hyperparams(self.args, steps)
         groups = named_decay_groups(self, model, hp["weight_decay"])
         return create_optimizer(self.args.optim, groups, **hp)
 
     def _keep_under_offload(self, optimizer) -> None:
         """Trap 3: keep our (or the user's) optimizer when DeepSpeed offloads it."""
         if isinstance(optimizer, LayerwiseAdam) or optimizer is self.client_optimizer:
-            keep_client_optimizer_under_offload(self.deepspeed_config, type(optimizer).__name__)
+            run_policy.keep_client_optimizer(self.deepspeed_config, type(optimizer).__name__)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is None and self.client_scheduler is not None:

@@ -26,26 +26,21 @@ from typing import Any, Optional
 
 import yaml
 
-from .. import data, models, run_policy
-from ..data import MIN_BPE_VOCAB, NAMED_SOURCES
+from .. import data, models, run_policy, train
+from ..data import NAMED_SOURCES
 from ..optim import available_optimizers, preset_defaults
+from ..train_config import PLAN_OPTIONS, ConfigError, TrainConfig, check_option
 
 
 class PlanError(ValueError):
     """A plan that cannot run; the message names the key, the value and what is allowed."""
 
 
-# Train options a plan may set -> (kind, lower bound). Each maps to ``--<key with dashes>`` of
-# ``python -m stratopt_ds.train`` except ``epochs``, which the runner turns into ``--steps``.
-TRAIN_OPTIONS: dict[str, tuple[str, Optional[float]]] = {
-    "steps": ("int", 1), "epochs": ("float", 0), "batch_size": ("int", 1), "seq_len": ("int", 1),
-    "lr": ("float", 0), "warmup_steps": ("int", 0), "data": ("str", None),
-    "max_docs": ("int", 1), "tokenizer": ("str", None), "bpe_vocab": ("int", MIN_BPE_VOCAB),
-    "val_windows": ("int", 1), "eval_every": ("int", 0), "eval_batches": ("int", 1),
-    "device": ("str", None), "save_every": ("int", 0), "keep_checkpoints": ("int", 0),
-    "diverge_after": ("int", 1),
-    "tensorboard": ("bool", None),     # false -> --no-tensorboard (saves ~2 s of start-up a run)
-}
+# Train options a plan may set: the TrainConfig fields marked plan=True, and ``epochs``, which
+# the runner turns into steps. Their types and bounds are TrainConfig's; a study compares
+# validation losses, so it needs at least one validation batch.
+TRAIN_OPTIONS = ("steps", "epochs", *(k for k in PLAN_OPTIONS if k != "steps"))
+STUDY_MINIMUMS = {"eval_batches": 1}
 TOP_KEYS = ("name", "description", "baseline", "seeds", "train", "sizes", "arms", "analysis",
             "cleanup_checkpoints")
 SIZE_KEYS = ("preset", "deepspeed")
@@ -110,44 +105,18 @@ class Run:
     def directory(self, out: Path) -> Path:
         return Path(out) / self.size / self.arm / f"seed{self.seed}"
 
-    def train_args(self, steps: int) -> list[str]:
-        """Options for ``stratopt_ds.train`` (without --out / --resume / --deepspeed_config)."""
+    def train_config(self, steps: Optional[int] = None) -> TrainConfig:
+        """The run as a :class:`TrainConfig` (``steps``: the plan's, or its epochs in steps;
+        without out, resume or DeepSpeed config: the runner adds those)."""
         options = {k: v for k, v in self.train.items() if k not in ("steps", "epochs")}
-        args = ["--optimizer", self.optimizer, "--preset", self.preset, "--steps", str(steps),
-                "--seed", str(self.seed), "--data-seed", str(self.data_seed)]
-        for key, value in sorted(options.items()):
-            if key == "tensorboard":
-                args += [] if value else ["--no-tensorboard"]
-            else:
-                args += [f"--{key.replace('_', '-')}", str(value)]
-        if self.opt_args:
-            args += ["--opt-args", json.dumps(self.opt_args, sort_keys=True)]
-        return args
-
-
-def train_defaults() -> dict[str, Any]:
-    """``stratopt_ds.train``'s option defaults (what a run gets for an option the plan omits)."""
-    from ..train import build_parser
-
-    return vars(build_parser().parse_args([]))
-
-
-def data_request(run: Run, steps: Optional[int] = None) -> data.DataRequest:
-    """The data a run asks for, exactly as ``stratopt_ds.train`` will ask for it."""
-    defaults, preset = train_defaults(), models.preset(run.preset)
-    opts = {**{k: defaults[k] for k in ("data", "tokenizer", "bpe_vocab", "max_docs",
-                                        "val_windows", "eval_batches")},
-            "seq_len": preset["seq_len"], "batch_size": preset["batch_size"], **run.train}
-    run_tokens = steps * opts["batch_size"] * opts["seq_len"] if steps is not None else None
-    return data.DataRequest(data.resolve_source(opts["data"]), opts["seq_len"],
-                            tokenizer=opts["tokenizer"], bpe_vocab=opts["bpe_vocab"],
-                            max_docs=opts["max_docs"], val_windows=opts["val_windows"],
-                            evaluate=opts["eval_batches"] > 0, run_tokens=run_tokens)
+        return TrainConfig(optimizer=self.optimizer, opt_args=dict(self.opt_args),
+                           preset=self.preset, seed=self.seed, data_seed=self.data_seed,
+                           steps=steps or self.train.get("steps") or 1, **options)
 
 
 def batch_size(run: Run) -> int:
     """The run's global batch: the plan's, else the preset's (as stratopt_ds.train fills it)."""
-    return run.train.get("batch_size", models.preset(run.preset)["batch_size"])
+    return train.fill_defaults(run.train_config()).batch_size
 
 
 def steps_of_epochs(run: Run, windows: int) -> int:
@@ -313,17 +282,19 @@ def _train_options(raw: Any, where: str) -> dict[str, Any]:
         if key not in TRAIN_OPTIONS:
             raise PlanError(f"{where}: unknown train option {key!r}; allowed: "
                             f"{', '.join(TRAIN_OPTIONS)}")
-        kind, low = TRAIN_OPTIONS[key]
         name = f"{where}.{key}"
-        if kind == "int" and not (_is_int(value) and value >= low):
-            raise PlanError(f"{name}: expected an integer >= {low}, got {value!r}")
-        if kind == "float" and not (_is_real(value) and value > low):
-            raise PlanError(f"{name}: expected a finite number > {low}, got {value!r}")
-        if kind == "bool" and not isinstance(value, bool):
-            raise PlanError(f"{name}: expected true or false, got {value!r}")
-        if kind == "str" and not (isinstance(value, str) and value):
-            raise PlanError(f"{name}: expected a non-empty string, got {value!r}")
-        out[key] = expand_env(value, name) if kind == "str" else value
+        if key == "epochs":
+            if not (_is_real(value) and value > 0):
+                raise PlanError(f"{name}: expected a finite number > 0, got {value!r}")
+        elif value is None:
+            raise PlanError(f"{name}: expected a value, got null (leave the key out for the default)")
+        elif key in STUDY_MINIMUMS and _is_int(value) and value < STUDY_MINIMUMS[key]:
+            raise PlanError(f"{name}: expected an integer >= {STUDY_MINIMUMS[key]}, got {value!r}")
+        try:
+            value = value if key == "epochs" else check_option(key, value, name)
+        except ConfigError as e:
+            raise PlanError(str(e)) from None
+        out[key] = expand_env(value, name) if isinstance(value, str) else value
         if key == "data" and out[key] not in NAMED_SOURCES:
             out[key] = str(Path(out[key]).resolve())  # runs may be resumed from elsewhere
     return out
@@ -367,27 +338,44 @@ def _analysis(raw: Any) -> dict[str, float]:
 
 
 def _check_run(run: Run, check_files: bool) -> None:
-    """Checks that need the merged options of a size and an arm."""
+    """Checks that need the merged options of a size and an arm: the training entry's own
+    (:func:`stratopt_ds.train.resolve`, the run policy), then the study's data rules."""
     where = f"run {run.size}/{run.arm}"
     opts = run.train
     if ("steps" in opts) == ("epochs" in opts):
         raise PlanError(f"{where}: give exactly one of train.steps and train.epochs "
                         f"(got {'both' if 'steps' in opts else 'neither'})")
+    launch = run.deepspeed if check_files else None  # the config file is read only with files
+    names = run_policy.Settings(
+        optimizer=f"arms '{run.arm}'.optimizer", opt_args=f"arms '{run.arm}'.opt_args",
+        lr="train option 'lr'", batch="batch_size", data="train.data",
+        config=launch.config if launch else "deepspeed.config")
+    if launch is not None and "batch_size" not in opts:
+        raise PlanError(f"{where}: a deepspeed size needs train option batch_size (the global "
+                        f"batch = micro-batch x accumulation x GPUs)")
+    try:
+        train.resolve(run.train_config().replace(save_every=0), ranks=launch.num_gpus if launch else 1,
+                      deepspeed=deepspeed_config(launch) if launch else None, names=names,
+                      check_data=False, check_device=False)
+    except ValueError as e:
+        raise PlanError(f"{where}: {e}") from None
     if check_files:
         _check_data(run, where)
-    try:  # the run policy's checks of the optimizer keywords (ranges, enum values)
-        clip_mode = run_policy.check_optimizer(run.optimizer, {**run.opt_args, "lr": opts.get("lr", 1e-3)})
-    except ValueError as e:
-        raise PlanError(f"arms '{run.arm}'.opt_args: {e}") from None
-    if run.deepspeed is not None and check_files:
-        _check_deepspeed_batch(run, where, clip_mode)
+
+
+def deepspeed_config(launch: DeepSpeedLaunch) -> dict:
+    """The shipped config as a run gets it: without its "optimizer" section (the arm's optimizer
+    and lr apply; the training entry refuses an --optimizer that the section contradicts)."""
+    config = json.loads(Path(launch.config).read_text())
+    config.pop("optimizer", None)
+    return config
 
 
 def _check_data(run: Run, where: str) -> None:
     """The source can be read, or the store exists and fits the run: its tokenizer, its
     validation part, and enough training windows that the planned steps see no window twice."""
     steps = run.train.get("steps")
-    request = data_request(run, steps)
+    request = train.data_request(train.fill_defaults(run.train_config()), sized=steps is not None)
     source = run.train.get("data", "auto")
     try:
         request.check()
@@ -412,24 +400,6 @@ def _check_data(run: Run, where: str) -> None:
                         f"windows of {request.seq_len} tokens, but the store {request.data} holds "
                         f"{windows:,} training windows: the run would see data twice; build a "
                         f"larger store (--max-tokens) or give train.epochs")
-
-
-def _check_deepspeed_batch(run: Run, where: str, clip_mode: str) -> None:
-    """``clip_mode``: the clip mode of the arm's optimizer (the run policy's clipping rule)."""
-    config = json.loads(Path(run.deepspeed.config).read_text())
-    gas = int(config.get("gradient_accumulation_steps", 1))
-    batch = run.train.get("batch_size")
-    if batch is None:
-        raise PlanError(f"{where}: a deepspeed size needs train option batch_size (the global "
-                        f"batch = micro-batch x accumulation x GPUs)")
-    try:
-        run_policy.check_batch_split(batch, run.deepspeed.num_gpus, gas, setting="batch_size")
-    except ValueError as e:
-        raise PlanError(f"{where}: {e}") from None
-    try:
-        run_policy.engine_clipping(config.get("gradient_clipping"), clip_mode)
-    except ValueError as e:
-        raise PlanError(f"{where}: {run.deepspeed.config}: {e}") from None
 
 
 # ------------------------------------------------------------------------------------------------

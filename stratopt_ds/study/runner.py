@@ -1,7 +1,9 @@
 """Run every job of a plan through the training entry, resumably, and record every failure.
 
-Each run is a subprocess: ``python -m stratopt_ds.train`` on one process, or the ``deepspeed``
-launcher when the plan's size names a DeepSpeed config. On each invocation a run is
+Each run is a :class:`~stratopt_ds.train_config.TrainConfig` that the plan builds, written to
+``<run>/train_config.json`` and trained in a subprocess: ``python -m stratopt_ds.train --config
+<run>/train_config.json`` on one process, or under the ``deepspeed`` launcher when the plan's
+size names a DeepSpeed config. On each invocation a run is
 
 * skipped when it finished (summary.json with status ok),
 * skipped and counted as a failure when it diverged or crashed before (``--retry-failed`` runs
@@ -32,7 +34,8 @@ from typing import Any, Optional
 from tqdm import tqdm
 
 from ..summary import RunSummary
-from .plan import Plan, Run, data_request, load_plan, steps_of_epochs
+from .. import train
+from .plan import Plan, Run, deepspeed_config, load_plan, steps_of_epochs
 from .results import (DIVERGED, EVENTS_FILE, FAILED, FAILURES, INTERRUPTED, LOG_FILE, OK, PENDING,
                       PID_FILE, PLAN_COPY, SPEC_FILE, STATUS_FILE, STUDY_FILE, RunState, read_json,
                       run_state)
@@ -129,6 +132,10 @@ class StudyRunner:
         saved = read_json(run_dir / SPEC_FILE)
         if saved is None:
             return
+        if "train_config" not in saved:
+            raise StudyError(f"{run_dir} was started by an earlier version of stratopt-ds (its "
+                             f"{SPEC_FILE} lists command-line arguments); finish that study with "
+                             f"that version, or use another --out")
         mine = json.loads(json.dumps(self.specs[run.key]))
         changed = [k for k in mine if saved.get(k) != mine[k]]
         if changed:
@@ -256,21 +263,23 @@ class StudyRunner:
         """Everything that defines the run; a later invocation must agree with it."""
         steps = self.steps(run)
         return {"run": run.key, "seed": run.seed, "data_seed": run.data_seed, "steps": steps,
-                "train_args": run.train_args(steps),
+                "train_config": run.train_config(steps).to_dict(),
                 "deepspeed": run.deepspeed and vars(run.deepspeed)}
 
     def command(self, run: Run, run_dir: Path, steps: int, resume: bool) -> list[str]:
-        args = run.train_args(steps) + ["--out", str(run_dir), "--no-progress"]
+        """Write the run's TrainConfig for this attempt; the command that trains it."""
+        config = run.train_config(steps).replace(out=str(run_dir), resume=resume, progress=False)
         if "save_every" not in run.train:  # resumable by default: ~10 checkpoints per run
-            args += ["--save-every", str(max(1, math.ceil(steps / 10)))]
-        if resume:
-            args.append("--resume")
+            config = config.replace(save_every=max(1, math.ceil(steps / 10)))
+        if run.deepspeed is not None:
+            config = config.replace(deepspeed_config=str(write_deepspeed_config(run, run_dir)))
+        path = run_dir / "train_config.json"
+        config.write(path)
         if run.deepspeed is None:
-            return [sys.executable, "-m", "stratopt_ds.train", *args]
-        config = write_deepspeed_config(run, run_dir)
+            return [sys.executable, "-m", "stratopt_ds.train", "--config", str(path)]
         launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
         return [launcher, "--num_gpus", str(run.deepspeed.num_gpus), "--module",
-                "stratopt_ds.train", "--deepspeed_config", str(config), *args]
+                "stratopt_ds.train", "--config", str(path)]
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -296,19 +305,17 @@ def raise_interrupted(signum, frame) -> None:
 
 
 def write_deepspeed_config(run: Run, run_dir: Path) -> Path:
-    """The shipped config without its "optimizer" section: the arm's optimizer and --lr apply
-    (train.py refuses --optimizer when the config names another one)."""
-    config = json.loads(Path(run.deepspeed.config).read_text())
-    config.pop("optimizer", None)
+    """The shipped config as the run gets it (:func:`stratopt_ds.study.plan.deepspeed_config`)."""
     path = run_dir / "ds_config.json"
-    path.write_text(json.dumps(config, indent=1) + "\n")
+    path.write_text(json.dumps(deepspeed_config(run.deepspeed), indent=1) + "\n")
     return path
 
 
 def epoch_steps(run: Run) -> int:
     """steps = epochs x training windows / batch size, of the store the run will read (a source
     is built into the store cache here, once, as the run itself would build it)."""
-    return steps_of_epochs(run, len(data_request(run).open(progress=False).train))
+    request = train.data_request(train.fill_defaults(run.train_config()), sized=False)
+    return steps_of_epochs(run, len(request.open(progress=False).train))
 
 
 def divergence_reason(summary: RunSummary) -> str:
