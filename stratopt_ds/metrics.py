@@ -21,8 +21,14 @@ def finite_or_none(x: float) -> Optional[float]:
     return x if math.isfinite(x) else None
 
 
-def optimizer_stats(opt) -> dict[str, Any]:
-    """Gradient norms and layer scales of the last step, and the running counters."""
+def optimizer_stats(opt, engine_skipped: int = 0, engine_skipped_before: int = 0) -> dict[str, Any]:
+    """Gradient norms and layer scales of the last step, and the running counters.
+
+    ``engine_skipped``: steps an engine (DeepSpeed, on a gradient overflow) skipped before the
+    optimizer saw them, so far; they count as skipped steps. When it grew since
+    ``engine_skipped_before`` this step was one of them: the optimizer's last statistics are an
+    older step's, so the norms and scales are logged as null rather than stale values.
+    """
     ls, counters = opt.last_step, opt.layer_stats
     # One device-to-host copy of everything (a sync per statistic would stall a GPU step each
     # time), then host maths. The counts are exact in float64 (far below 2**53).
@@ -30,15 +36,18 @@ def optimizer_stats(opt) -> dict[str, Any]:
     host = torch.cat([ls.norms.double(), ls.alpha.double(), counters.clip_count.sum().double().reshape(1),
                       counters.skipped_steps.double().reshape(1)]).cpu()
     norms, alpha = host[:n], host[n:2 * n]
+    if engine_skipped > engine_skipped_before:  # this step never reached the optimizer
+        norms, alpha = torch.full_like(norms, math.nan), torch.full_like(alpha, math.nan)
     return {"grad_norm": finite_or_none(norms.square().sum().sqrt().item()),
             "layer_norm_max": finite_or_none(norms.max().item()),
-            "alpha_min": alpha.min().item(), "alpha_mean": alpha.mean().item(),
-            "alpha_max": alpha.max().item(),
+            "alpha_min": finite_or_none(alpha.min().item()),
+            "alpha_mean": finite_or_none(alpha.mean().item()),
+            "alpha_max": finite_or_none(alpha.max().item()),
             "clip_events": int(host[2 * n]),
-            "skipped_steps": int(host[2 * n + 1]),
+            "skipped_steps": int(host[2 * n + 1]) + engine_skipped,
             # per layer, in the order of summary.json's "layers": the layer-wise analysis
             "layer_norms": [finite_or_none(x) for x in norms.tolist()],
-            "layer_alpha": alpha.tolist()}
+            "layer_alpha": [finite_or_none(x) for x in alpha.tolist()]}
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:

@@ -41,9 +41,10 @@ import copy
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from .optim import config as optim_config
+from .zero.support import check_config
 
 DEEPSPEED_DEFAULT_CLIPPING = 1.0  # deepspeed.runtime.constants.GRADIENT_CLIPPING_DEFAULT
 
@@ -90,27 +91,30 @@ def check_optimizer(name: str, hyperparams: dict[str, Any]) -> str:
     return layer_options["clip"]
 
 
-def engine_clipping(engine_clip: Any, clip_mode: str, setting: str = "gradient_clipping") -> tuple[float, list[str]]:
+def engine_clipping(engine_clip: Any, clip_mode: str, setting: str = "gradient_clipping",
+                    where: str = "") -> tuple[float, list[str]]:
     """The global clip the engine must apply, and notes for the log (see the module doc).
 
     ``engine_clip``: the engine's setting as given (None or "auto" when absent); ``clip_mode``:
     the optimizer's (:func:`check_optimizer`, or 'none' for an optimizer not of ours);
-    ``setting``: its name in the caller's terms (``gradient_clipping``, ``--max_grad_norm``).
+    ``setting``: its name in the caller's terms (``gradient_clipping``, ``--max_grad_norm``);
+    ``where``: the file it was read from, if any (named in messages).
     """
     clips = clip_mode != "none"
+    at = f" in {where}" if where else ""
     if engine_clip is None or engine_clip == "auto":
         if clips:
             return 0.0, [f"the optimizer clips its own gradients (clip={clip_mode!r}), so the engine's "
-                         f"{setting} is set to 0 (DeepSpeed's default would be {DEEPSPEED_DEFAULT_CLIPPING})"]
+                         f"{setting}{at} is set to 0 (DeepSpeed's default would be {DEEPSPEED_DEFAULT_CLIPPING})"]
         return DEEPSPEED_DEFAULT_CLIPPING, []
     try:
         value = float(engine_clip)
     except (TypeError, ValueError):
-        raise PolicyError(f"{setting}={engine_clip!r}: expected a number >= 0 (0 disables it)") from None
+        raise PolicyError(f"{setting}={engine_clip!r}{at}: expected a number >= 0 (0 disables it)") from None
     if value < 0:
-        raise PolicyError(f"{setting}={engine_clip!r}: expected a number >= 0 (0 disables it)")
+        raise PolicyError(f"{setting}={engine_clip!r}{at}: expected a number >= 0 (0 disables it)")
     if value > 0 and clips:
-        raise PolicyError(f"conflicting clipping: {setting}={engine_clip} (a global clip, applied first) "
+        raise PolicyError(f"conflicting clipping: {setting}={engine_clip}{at} (a global clip, applied first) "
                           f"and the optimizer's own clip={clip_mode!r} would clip twice; set {setting} "
                           f"to 0 or give the optimizer clip=none")
     return value, []
@@ -206,7 +210,10 @@ class RunRequest:
     ``engine_clip``: the engine's global clip as the entry point has it; when not given, the
     config's ``gradient_clipping``. ``batch_size`` / ``ranks``: the global batch and the number of
     data-parallel ranks it splits over. ``steps``: the run length (slow-momentum warm-ups span
-    it). ``data``: a :class:`stratopt_ds.data.DataRequest` to check. ``clip_mode``: for an
+    it). ``data``: a :class:`stratopt_ds.data.DataRequest` to check. ``deepspeed_checks``: also
+    run DeepSpeed's own checks of the config (its config object, the scheduler) with the batch
+    fields this run sets (the training entry and the study; the HF Trainer fills "auto" values
+    itself, later). ``clip_mode``: for an
     optimizer known by its clip mode alone (:func:`stratopt_ds.deepspeed.prepare_config`); it
     stands for ``optimizer``.
     """
@@ -221,6 +228,7 @@ class RunRequest:
     steps: Optional[int] = None
     data: Any = None
     names: Settings = field(default_factory=Settings)
+    deepspeed_checks: bool = False
     clip_mode: Optional[str] = None
 
 
@@ -269,13 +277,17 @@ def prepare(request: RunRequest) -> PreparedRun:
             raise PolicyError(f"{where}: {e}") from None
     else:
         name, hyperparams, clip_mode = None, {}, optimizer_clip_mode(request.optimizer)
+        if section is not None:  # ignored next to an instance: it must describe that instance
+            check_section_matches_optimizer(section, request.optimizer)
     notes: list[str] = []
-    engine_clip = request.engine_clip
+    engine_clip, clip_in = request.engine_clip, ""
     if engine_clip == "unset":  # the engine is DeepSpeed's, or none (nothing clips but the optimizer)
         engine_clip = config.get("gradient_clipping") if config is not None else 0.0
-    engine_clip, clip_notes = engine_clipping(engine_clip, clip_mode, names.clip)
+        clip_in = names.config if config is not None else ""
+    engine_clip, clip_notes = engine_clipping(engine_clip, clip_mode, names.clip, clip_in)
     notes += clip_notes
     if config is not None:
+        check_config(config, names.config)  # what stratopt_ds supports (stratopt_ds.zero.support)
         if section is not None:
             del config["optimizer"]  # ours: the entry point builds it from the named parameters
         keep_client_optimizer(config)  # every entry point hands DeepSpeed a client optimizer
@@ -283,6 +295,10 @@ def prepare(request: RunRequest) -> PreparedRun:
     if request.batch_size is not None:
         check_batch_split(request.batch_size, request.ranks,
                           accumulation_steps(config, names.config), names.batch)
+        if config is not None:
+            notes += check_batch_fields(config, request.batch_size, request.ranks, names)
+    if config is not None and request.deepspeed_checks:
+        check_with_deepspeed(config, names)
     tokenizer = check_data(request.data, names.data) if request.data is not None else None
     return PreparedRun(name, hyperparams, clip_mode, engine_clip, config, tokenizer, notes)
 
@@ -290,7 +306,8 @@ def prepare(request: RunRequest) -> PreparedRun:
 def optimizer_section(config: dict, names: Settings) -> Optional[dict]:
     """The config's ``"optimizer"`` section when it names one of ours; refused when it names another."""
     section = config.get("optimizer")
-    if section is None:
+    if section is None or section == {}:
+        config.pop("optimizer", None)  # nothing to build from: DeepSpeed must not see it either
         return None
     if not isinstance(section, dict):
         raise PolicyError(f"{names.config}: \"optimizer\" must be a mapping with \"type\" and "
@@ -311,6 +328,9 @@ def resolve_named(request: RunRequest, section: Optional[dict]) -> tuple[str, di
     names = request.names
     from_section = resolve_optimizer_name(str(section.get("type"))) if section else None
     name = request.optimizer or from_section or DEFAULT_OPTIMIZER
+    if name not in _presets():
+        raise PolicyError(f"{names.optimizer}: unknown optimizer {name!r}; available: "
+                          f"{', '.join(_presets())}")
     if from_section is not None and name != from_section:
         raise PolicyError(f"{names.optimizer} {name!r} conflicts with the DeepSpeed config's "
                           f"optimizer.type {section['type']!r}; give one of them")
@@ -318,13 +338,15 @@ def resolve_named(request: RunRequest, section: Optional[dict]) -> tuple[str, di
     params = dict((section or {}).get("params") or {})
     section_lr = params.pop("lr", None)
     params = {k: v for k, v in params.items() if v != "auto"}
-    lr = request.lr if request.lr is not None else section_lr
-    if lr is None or lr == "auto":
+    lr, lr_setting = request.lr, names.lr
+    if lr is None and section_lr not in (None, "auto"):
+        lr, lr_setting = section_lr, f"{names.config}: optimizer.params.lr"
+    if lr is None:
         lr = request.default_lr
     hyperparams = {**params, **request.opt_args}
     if lr is not None:
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
-            raise PolicyError(f"{names.lr}: expected a finite number > 0, got {lr!r}")
+            raise PolicyError(f"{lr_setting}: expected a finite number > 0, got {lr!r}")
         hyperparams["lr"] = float(lr)
     if request.steps is not None and name in _presets():
         optim_config.with_run_length_warmups(name, hyperparams, request.steps)
@@ -346,3 +368,114 @@ def check_data(data_request: Any, setting: str) -> Optional[str]:
 def _presets() -> dict:
     from .optim import OPTIMIZER_PRESETS
     return OPTIMIZER_PRESETS
+
+
+def global_batch(config: dict, ranks: int, names: Settings) -> Optional[int]:
+    """The global batch a DeepSpeed config gives: its train_batch_size, else micro-batch x
+    accumulation x ranks; None when it gives neither."""
+    batch, micro = config.get("train_batch_size"), config.get("train_micro_batch_size_per_gpu")
+    if isinstance(batch, int) and not isinstance(batch, bool):
+        return batch
+    if isinstance(micro, int) and not isinstance(micro, bool):
+        return micro * accumulation_steps(config, names.config) * ranks
+    return None
+
+
+def check_batch_fields(config: dict, batch_size: int, ranks: int, names: Settings) -> list[str]:
+    """The config's ``train_batch_size`` must be the run's global batch (a contradiction would
+    otherwise be silently replaced). Its micro-batch is written for one world size: on another,
+    the run's split replaces it, and the returned note says so (one config, any world size)."""
+    gas = accumulation_steps(config, names.config)
+    given = config.get("train_batch_size")
+    if given not in (None, "auto") and given != batch_size:
+        raise PolicyError(f"{names.batch} {batch_size} contradicts train_batch_size={given!r} in "
+                          f"{names.config}; remove train_batch_size from the config or make them agree")
+    micro, given = batch_size // (ranks * gas), config.get("train_micro_batch_size_per_gpu")
+    if given in (None, "auto") or given == micro:
+        return []
+    return [f"train_micro_batch_size_per_gpu={given!r} in {names.config} is for another world size: "
+            f"{names.batch} {batch_size} on {ranks} rank(s) x {gas} accumulation step(s) gives {micro}"]
+
+
+def check_with_deepspeed(config: dict, names: Settings) -> None:
+    """DeepSpeed's own checks, without a process group: its config object (built for one rank,
+    with batch fields that agree for one rank) and the scheduler's type and parameters."""
+    import inspect
+
+    from deepspeed.runtime import lr_schedules
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    one_rank = {**config, "train_batch_size": None, "train_micro_batch_size_per_gpu": 1,
+                "gradient_accumulation_steps": accumulation_steps(config, names.config)}
+    one_rank["train_batch_size"] = one_rank["gradient_accumulation_steps"]
+    try:
+        DeepSpeedConfig(one_rank)
+    except Exception as e:  # pydantic ValidationError, AssertionError, ValueError, ...: DeepSpeed's words
+        message = " ".join(str(e).split())
+        raise PolicyError(f"{names.config}: DeepSpeed refuses the config: {message[:600]}") from None
+    scheduler = config.get("scheduler")
+    if not scheduler:
+        return
+    kind = scheduler.get("type") if isinstance(scheduler, dict) else None
+    if kind not in lr_schedules.VALID_LR_SCHEDULES:
+        raise PolicyError(f"{names.config}: scheduler.type {kind!r} is not a DeepSpeed scheduler; "
+                          f"available: {', '.join(lr_schedules.VALID_LR_SCHEDULES)} (or remove "
+                          f"\"scheduler\": the run then uses its own warm-up + cosine)")
+    accepted = inspect.signature(getattr(lr_schedules, kind)).parameters
+    unknown = sorted(set(scheduler.get("params") or {}) - set(accepted) - {"optimizer"})
+    if unknown:
+        allowed = [k for k in accepted if k not in ("self", "optimizer")]
+        raise PolicyError(f"{names.config}: scheduler.params {unknown} are not parameters of "
+                          f"{kind}; allowed: {', '.join(allowed)}")
+
+
+# ------------------------------------------------------------------------------------------------
+# A section next to an optimizer instance
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Config values compare equal: JSON lists match tuples, ints match floats."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def section_mismatches(section: Mapping[str, Any], settings: Mapping[str, Any],
+                       source: Callable[[str], str]) -> list[str]:
+    """``"optimizer.params.k=v vs <source(k)>=w"`` for every explicit section value that differs.
+
+    ``"auto"`` values never mismatch; keys absent from ``settings`` are left to the caller."""
+    out = []
+    for key, value in (section.get("params") or {}).items():
+        if value != "auto" and key in settings and not same_value(value, settings[key]):
+            out.append(f"optimizer.params.{key}={value!r} vs {source(key)}={settings[key]!r}")
+    return out
+
+
+def optimizer_settings(optimizer: Any) -> dict[str, Any]:
+    """Every hyperparameter the optimizer was built with (group defaults and layer options)."""
+    return {**optimizer.defaults, **optimizer.layer_options}
+
+
+def check_section_matches_optimizer(section: Mapping[str, Any], optimizer: Any) -> None:
+    """A config section naming our optimizer must describe the instance actually passed."""
+    from .optim.optimizer import LayerwiseAdam
+
+    if not isinstance(optimizer, LayerwiseAdam):
+        raise PolicyError(f'the DeepSpeed config names {section.get("type")!r} in its "optimizer" '
+                          f"section but a {type(optimizer).__name__} is passed; remove the key")
+    name = resolve_optimizer_name(str(section.get("type", "")))
+    if name != optimizer.preset:
+        raise PolicyError(f"the DeepSpeed config's optimizer.type {section.get('type')!r} is not the "
+                         f"optimizer passed ({type(optimizer).__name__}, {optimizer.preset!r}); remove "
+                         'the "optimizer" key or make them agree')
+    settings = optimizer_settings(optimizer)
+    unknown = [k for k in (section.get("params") or {}) if k not in settings]
+    if unknown:
+        raise PolicyError(f"optimizer.params has unknown hyperparameters {unknown}; allowed: "
+                         f"{', '.join(settings)}")
+    bad = section_mismatches(section, settings, lambda key: f"the optimizer's {key}")
+    if bad:
+        raise PolicyError("the DeepSpeed config's optimizer section disagrees with the optimizer "
+                         "passed (it would be silently ignored):\n  " + "\n  ".join(bad) +
+                         '\nset these to "auto", remove them, or remove the "optimizer" key')

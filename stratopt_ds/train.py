@@ -7,13 +7,16 @@
 
 ``--data`` is a token store (``python -m stratopt_ds.data build``) or a source that is built into
 the store cache first; either way the run reads a memory-mapped store (``stratopt_ds.data``).
-Everything happens in ``main`` from top to bottom: check the options, open the data, the model,
-the optimizer and its schedule, train, evaluate, write ``metrics.jsonl`` and ``summary.json``.
-Bad options stop the job before any data is read or any weight is allocated.
+The options are a :class:`~stratopt_ds.train_config.TrainConfig` (command line, ``--config`` file,
+or a study plan); :func:`resolve` checks them all, with the run policy, before any data is read
+or any weight is allocated; :meth:`Trainer.run` then does the job from top to bottom: the data,
+the model, the optimizer and its schedule, train, evaluate, ``metrics.jsonl`` and
+``summary.json``.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -31,6 +34,7 @@ from . import data, models, resume, run_policy, train_config
 from .metrics import MetricsLog, finite_or_none, optimizer_stats, print_summary
 from .optim import create_optimizer
 from .run_policy import parse_opt_args  # noqa: F401  (also this module's API: hf, examples)
+from .safe_load import CheckpointError
 from .summary import RunSummary
 from .train_config import ConfigError, TrainConfig
 
@@ -69,8 +73,8 @@ class ResolvedRun:
 
 
 def fill_defaults(config: TrainConfig) -> TrainConfig:
-    """The preset's batch, sequence length and lr, and a warm-up of 10% of the steps, where the
-    config leaves them out (the lr only when the DeepSpeed config gives none either)."""
+    """The preset's batch and sequence length, and a warm-up of 10% of the steps, where the
+    config leaves them out (the lr is the run policy's: --lr, the DeepSpeed config's, the preset's)."""
     preset = models.preset(config.preset)
     return config.replace(
         batch_size=config.batch_size or preset["batch_size"], seq_len=config.seq_len or preset["seq_len"],
@@ -78,11 +82,12 @@ def fill_defaults(config: TrainConfig) -> TrainConfig:
 
 
 def data_request(config: TrainConfig, sized: bool = True) -> data.DataRequest:
-    """The data a (filled) config asks for; ``sized=False``: the run length is not known yet
+    """The data a (filled) config asks for, its ``data`` resolved already ('auto' decided by
+    :func:`stratopt_ds.data.resolve_source`); ``sized=False``: the run length is not known yet
     (a study run given in epochs), so a FineWeb build has no default size."""
     run_tokens = config.steps * config.batch_size * config.seq_len if sized else None
     return data.DataRequest(
-        data.resolve_source(config.data), config.seq_len, tokenizer=config.tokenizer,
+        config.data, config.seq_len, tokenizer=config.tokenizer,
         bpe_vocab=config.bpe_vocab, max_docs=config.max_docs, val_windows=config.val_windows,
         evaluate=config.eval_batches > 0, run_tokens=run_tokens, cache_dir=config.cache_dir)
 
@@ -98,25 +103,20 @@ def resolve(config: TrainConfig, ranks: Optional[int] = None, deepspeed: Optiona
     the caller names the settings; ``check_data=False``: the caller checks the data itself;
     ``check_device=False``: the run trains elsewhere (a study checked on a login node).
     """
-    from .optim import available_optimizers
-
     config.check()
-    if config.optimizer is not None and config.optimizer not in available_optimizers():
-        raise ConfigError(f"{names.optimizer}: unknown optimizer {config.optimizer!r}; "
-                          f"available: {', '.join(available_optimizers())}")
     try:
         preset = models.preset(config.preset)
     except ValueError as e:
         raise ConfigError(f"--preset: {e}") from None
-    config = fill_defaults(config)
-    config = config.replace(data=data.resolve_source(config.data))
-    request = data_request(config)
     try:
         device = torch.device(config.device)
     except RuntimeError as e:
         raise ConfigError(f"--device: {e}") from None
     if check_device and device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {config.device}: CUDA is not available on this machine")
+    check_out(config)
+    if config.deepspeed_config is not None and names.config == run_policy.Settings().config:
+        names = dataclasses.replace(names, config=f"{names.config} {config.deepspeed_config}")
     if deepspeed is None and config.deepspeed_config is not None:
         from .integrations.deepspeed import load_config
         try:
@@ -126,21 +126,43 @@ def resolve(config: TrainConfig, ranks: Optional[int] = None, deepspeed: Optiona
     if ranks is None:  # set by the deepspeed launcher (mpirun sets OMPI_*); checked again after init
         ranks = int(os.environ.get("WORLD_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or 1) \
             if deepspeed is not None else 1
+    if config.batch_size is None and deepspeed is not None:  # the config's global batch
+        config = config.replace(batch_size=run_policy.global_batch(deepspeed, ranks, names))
+    config = fill_defaults(config)
+    if check_data:  # 'auto' asks the hub once, here; a caller that checks the data itself decides
+        config = config.replace(data=data.resolve_source(config.data))
+    request = data_request(config)
     prepared = run_policy.prepare(run_policy.RunRequest(
         optimizer=config.optimizer, opt_args=config.opt_args, lr=config.lr,
         default_lr=preset["lr"], deepspeed=deepspeed, batch_size=config.batch_size,
-        ranks=ranks, steps=config.steps, data=request if check_data else None, names=names))
+        ranks=ranks, steps=config.steps, data=request if check_data else None, names=names,
+        deepspeed_checks=True))
     config = config.replace(optimizer=prepared.optimizer, lr=prepared.lr,
                             tokenizer=prepared.tokenizer or config.tokenizer)
     run = ResolvedRun(config, prepared, request, ranks)
     if (config.resume or config.save_every) and config.out is None:
         raise ConfigError("--resume and --save-every need --out (checkpoints go to <out>/checkpoints)")
-    if config.resume:
+    if config.resume:  # the newest usable checkpoint of this run (a damaged newer one is named)
         try:
-            run.resume_tag = resume.check_identity(checkpoint_dir(config), run.identity())
+            run.resume_tag, notes = resume.resume_point(checkpoint_dir(config), run.identity())
         except FileNotFoundError as e:
             raise ConfigError(str(e)) from None
+        prepared.notes.extend(notes)
     return run
+
+
+def check_out(config: TrainConfig) -> None:
+    """``--out`` is a directory (or will be one); nothing is created here."""
+    if config.out is None:
+        return
+    out = Path(config.out)
+    for path in (out, out / "checkpoints"):
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"--out {config.out}: {path} exists and is not a directory; name a "
+                              f"directory (it is created if missing)")
+    parent = next((p for p in [out, *out.parents] if p.exists()), None)
+    if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {config.out}: {parent} is not writable")
 
 
 def checkpoint_dir(config: TrainConfig) -> Path:
@@ -219,6 +241,9 @@ class SingleProcess:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
+    def engine_skipped_steps(self) -> int:
+        return 0  # no engine: only the optimizer skips (and counts) non-finite steps
+
     def train_step(self, batch: data.Batch) -> float:
         device = self.model.device
         inputs, targets = batch.rows()
@@ -262,7 +287,7 @@ class DeepSpeedRun:
         if torch.cuda.is_available():  # NCCL collectives below use the current device: one per rank
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
-        self.gas = int(ds_config.get("gradient_accumulation_steps", 1))
+        self.gas = run_policy.accumulation_steps(ds_config, config.deepspeed_config)
         self.check_ranks_agree(run)
         self.micro = config.batch_size // (self.world * self.gas)
         ds_config["train_micro_batch_size_per_gpu"] = self.micro
@@ -290,6 +315,11 @@ class DeepSpeedRun:
 
     def lr(self) -> float:
         return self.model.get_lr()[0]
+
+    def engine_skipped_steps(self) -> int:
+        """Steps DeepSpeed skipped itself on a gradient overflow: the optimizer never saw them.
+        A host counter DeepSpeed keeps (and checkpoints); reading it costs no sync."""
+        return self.model.skipped_steps
 
     def close(self) -> None:
         """Leave the process group cleanly: gloo can abort a process that exits without it."""
@@ -405,14 +435,17 @@ class Trainer:
             losses.append(backend.train_step(batch))
             history["train_time"] += time.perf_counter() - t_step
             history["tokens"] += batch.tokens
-            stats = optimizer_stats(opt)
+            stats = optimizer_stats(opt, engine_skipped=backend.engine_skipped_steps(),
+                                    engine_skipped_before=history.get("engine_skipped", 0))
+            history["engine_skipped"] = backend.engine_skipped_steps()
             log.write({"step": step, "loss": finite_or_none(losses[-1]), "lr": lr,
                        "tokens": history["tokens"], "elapsed": elapsed0 + time.perf_counter() - t0,
                        **stats})
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.2e}")
             # Diverged: K steps in a row with a non-finite loss or a skipped update (non-finite
-            # gradients). Loss and norms are the same on every rank, so all ranks stop together.
+            # gradients, skipped by the optimizer or by DeepSpeed before it). Loss and skips are
+            # the same on every rank, so all ranks stop together.
             bad = not math.isfinite(losses[-1]) or stats["skipped_steps"] > history["skipped"]
             history["skipped"] = stats["skipped_steps"]
             history["nonfinite_run"] = history["nonfinite_run"] + 1 if bad else 0
@@ -465,7 +498,8 @@ class Trainer:
             norm_allreduce_time=history["norm_allreduce_time"],
             norm_allreduce_share=history["norm_allreduce_time"] / max(train_time, 1e-9),
             wall_time=time.perf_counter() - t_start, resumed_from=start or None,
-            skipped_steps=opt.skipped_steps, clip_counts=opt.layer_clip_counts(),
+            skipped_steps=opt.skipped_steps + backend.engine_skipped_steps(),
+            clip_counts=opt.layer_clip_counts(),
             data_state=batches.state_dict(), epochs=batches.epoch(), layers=layer_names,
             out=config.out,
         )
@@ -488,8 +522,14 @@ EXIT_DIVERGED = 3
 
 
 def cli(argv: Optional[list[str]] = None) -> int:
-    """The console entry: exit 0 when the run finished, 3 when it diverged."""
-    summary = main(argv)
+    """The console entry: exit 0 when the run finished, 3 when it diverged; one line and exit 1
+    when a checkpoint that passed the checks fails to load (a refused or damaged file, named),
+    exit 2 when data that passed the checks fails to build (the file and line named)."""
+    try:
+        summary = main(argv)
+    except (CheckpointError, data.DataError) as e:  # found only while loading or building
+        print(f"stratopt-train: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, data.DataError) else 1
     return EXIT_DIVERGED if summary.status == "diverged" else 0
 
 

@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -97,7 +98,7 @@ class TrainConfig:
         "stop as diverged (exit code 3) after K consecutive steps with a non-finite loss or a "
         "skipped update (non-finite gradients) (default: 20)"))
     tensorboard: bool = option(True, kind="bool", plan=True, help=(
-        "write TensorBoard events to <out>/tensorboard (false saves ~2 s of start-up a run)"))
+        "write TensorBoard events to <out>/tensorboard (off saves ~2 s of start-up a run)"))
     time_norm_reduce: bool = option(False, kind="bool", help=(
         "on CUDA, synchronise around the per-layer norm all-reduce so its share of the step is "
         "exact (on CPU it is always exact)"))
@@ -117,15 +118,13 @@ class TrainConfig:
     @classmethod
     def read(cls, path: str | Path) -> "TrainConfig":
         """A YAML or JSON file of options (what ``--config`` reads, what the study writes)."""
-        import yaml
-
         path = Path(path)
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is YAML
+            raw = load_yaml(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"--config: file not found: {path}") from None
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError(f"--config {path}: not valid YAML or JSON: {e}") from None
+        except (ValueError, UnicodeDecodeError) as e:  # yaml.YAMLError is a ValueError below
+            raise ConfigError(f"--config {path}: not valid YAML or JSON: {' '.join(str(e).split())}") from None
         return cls.from_mapping(raw or {}, where=str(path))
 
     def write(self, path: str | Path) -> None:
@@ -164,17 +163,36 @@ def flag(name: str) -> str:
     return flags[0] if flags else "--" + name.replace("_", "-")
 
 
+def load_yaml(text: str) -> Any:
+    """YAML (JSON included) with YAML 1.2's numbers: PyYAML alone reads ``1e-5`` (no dot) as the
+    string '1e-05', which would turn a small lr or eps of a file or plan into a type error."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?[eE][-+]?\d+$|^[-+]?\d[\d_]*\.\d*$|"
+                   r"^[-+]?\.\d+$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+        list("-+0123456789."))
+    try:
+        return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as e:
+        raise ValueError(str(e)) from None
+
+
 def check_option(key: str, value: Any, where: str, scope: str = "config") -> Any:
     """``value`` of option ``key`` from a file or plan, type-checked; raise ConfigError naming
-    ``where`` (the key in the caller's terms). Returns the value (lists of pairs stay)."""
+    ``where`` (the key in the caller's terms). Returns the value."""
     if key not in FIELDS:
         raise ConfigError(f"{scope}: unknown training option {key!r}; allowed: {', '.join(FIELDS)}")
     kind, low = FIELDS[key].metadata["kind"], FIELDS[key].metadata["minimum"]
     if value is None and FIELDS[key].default is None:
         return None
-    if kind == "int" and not (_is_int(value) and (low is None or value >= low)):
+    if kind == "int" and not (is_int(value) and (low is None or value >= low)):
         raise ConfigError(f"{where}: expected an integer >= {low}, got {value!r}")
-    if kind == "float" and not (_is_real(value) and (low is None or value > low)):
+    if kind == "float" and not (is_real(value) and (low is None or value > low)):
         raise ConfigError(f"{where}: expected a finite number > {low}, got {value!r}")
     if kind == "bool" and not isinstance(value, bool):
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
@@ -198,11 +216,9 @@ def build_parser(prog: str = "stratopt-train", description: str = "") -> argpars
         "train_config.json); flags given on the command line win"))
     for name, f in FIELDS.items():
         kind, help_ = f.metadata["kind"], f.metadata["help"]
-        if kind == "bool" and f.default is True:
-            p.add_argument(f"--no-{name.replace('_', '-')}", dest=name, action="store_false",
-                           help=f"do not {help_}")
-        elif kind == "bool":
-            p.add_argument(flag(name), dest=name, action="store_true", help=help_)
+        if kind == "bool":  # --x and --no-x: a flag can undo what a --config file set
+            p.add_argument(flag(name), dest=name, action=argparse.BooleanOptionalAction,
+                           help=f"{help_} (default: {'on' if f.default else 'off'})")
         elif kind == "dict":
             p.add_argument(flag(name), dest=name, action="extend", nargs="+", metavar="ARG",
                            help=help_)
@@ -232,9 +248,9 @@ def from_args(parser: argparse.ArgumentParser, argv: Optional[list[str]]) -> Tra
     return config.replace(**given)
 
 
-def _is_int(x: Any) -> bool:
+def is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _is_real(x: Any) -> bool:
+def is_real(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

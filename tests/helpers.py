@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import socket
+import zipfile
 
 import pytest
 import torch
@@ -81,3 +82,17 @@ def max_rel_err(a: dict, b: dict) -> float:
     """max over tensors of max|a-b| / max|b|."""
     return max(float((a[k].double() - b[k].double()).abs().max() / b[k].double().abs().max())
                for k in b)
+
+
+def flip_tensor_byte(path) -> None:
+    """Flip one byte in the middle of the largest tensor of a torch file: the pickle stays
+    valid, only a number changes (the zip's CRC no longer matches)."""
+    with zipfile.ZipFile(path) as archive:
+        info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    with open(path, "r+b") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = (int.from_bytes(f.read(2), "little") for _ in range(2))
+        f.seek(info.header_offset + 30 + name_len + extra_len + info.file_size // 2)
+        byte = f.read(1)[0]
+        f.seek(-1, 1)
+        f.write(bytes([byte ^ 0x5A]))

@@ -75,6 +75,29 @@ def test_bad_hyperparameter_in_json_is_named():
                    config={"optimizer": {"type": "StratOpt", "params": {"clip_tau": -1}}})
 
 
+def test_model_parallelism_is_refused_before_deepspeed_starts(monkeypatch):
+    """An mpu or a pipeline model: the norm all-reduce would miss the model-parallel ranks."""
+    import deepspeed
+    import torch
+
+    def no_initialize(**kwargs):
+        raise AssertionError("deepspeed.initialize was reached")
+
+    monkeypatch.setattr(deepspeed, "initialize", no_initialize)
+    config = {"optimizer": {"type": "StratOpt"}, "zero_optimization": {"stage": 1}}
+    with pytest.raises(ValueError, match="mpu=object .*tensor, pipeline or sequence parallelism"):
+        initialize(model=torch.nn.Linear(2, 2), config=config, mpu=object())
+    from deepspeed.pipe import PipelineModule  # a subclass, as users write them (no process group here)
+
+    class Stages(PipelineModule):
+        def __init__(self):
+            torch.nn.Module.__init__(self)
+            self.lin = torch.nn.Linear(2, 2)
+
+    with pytest.raises(ValueError, match="PipelineModule .*pipeline parallelism"):
+        initialize(model=Stages(), config=config)
+
+
 def test_release_cpu_comm_shm_unlinks_this_ranks_buffer():
     """In a 1-rank gloo group: the buffer name DeepSpeed's CPU all-reduce would leave behind is
     unlinked (a stand-in file at that path), and nothing happens without a process group."""

@@ -219,7 +219,7 @@ def flat_tensors(obj) -> list[torch.Tensor]:
 def test_scaling_script_writes_the_table(tmp_path):
     out = tmp_path / "scaling"
     proc = run([LAUNCH / "scaling_test.sh", out, "--data", "synthetic"], tmp_path, timeout=240,
-               RANKS="1 2", STEPS=3, BATCH=8, SEQ_LEN=32, MASTER_PORT=free_ports(1)[0])
+               RANKS="1 2", STEPS=3, BATCH=16, SEQ_LEN=32, MASTER_PORT=free_ports(1)[0])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     with open(out / "scaling.csv") as fh:
         rows = list(csv.DictReader(fh))

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -45,8 +47,9 @@ def _config(tmp_path, clip, engine_clip, with_optimizer=True) -> tuple[dict, Pat
 def via_train(tmp_path, clip, engine_clip, capsys):
     _, path = _config(tmp_path, clip, engine_clip)
     try:
-        run = train.resolve_args(["--deepspeed_config", str(path), "--data", "synthetic", "--steps", "2",
-                                  "--batch-size", "16", "--preset", "tiny"])
+        with mock.patch.dict(os.environ, {"WORLD_SIZE": "2"}):  # as the launcher sets it
+            run = train.resolve_args(["--deepspeed_config", str(path), "--data", "synthetic",
+                                      "--steps", "2", "--batch-size", "16", "--preset", "tiny"])
     except SystemExit:
         return "refused", capsys.readouterr().err
     return run.prepared.deepspeed["gradient_clipping"], ""
@@ -102,6 +105,7 @@ def via_study(tmp_path, clip, engine_clip, capsys):
     _, path = _config(tmp_path, clip, engine_clip)
     raw = yaml.safe_load((ROOT / "stratopt_ds" / "study" / "plans" / "ci_tiny.yaml").read_text())
     raw["sizes"]["tiny"]["deepspeed"] = {"config": str(path), "num_gpus": 2}
+    raw["sizes"]["tiny"]["batch_size"] = 16  # the config's train_batch_size on 2 GPUs
     raw["arms"] = [{"name": "ours", "optimizer": "stratopt", "opt_args": {"clip": clip}}]
     raw["baseline"] = "ours"
     try:
@@ -174,7 +178,7 @@ def test_prepare_resolves_the_optimizer_from_request_section_or_default():
     assert "optimizer" not in prepared.deepspeed and "optimizer" in config  # a prepared copy
     assert prepared.deepspeed["zero_allow_untested_optimizer"] is True
     assert prepared.deepspeed["gradient_clipping"] == 0.0 and prepared.clip_mode == "layer"
-    assert prepared.notes and "gradient_clipping is set to 0" in prepared.notes[0]
+    assert prepared.notes and "gradient_clipping in --deepspeed_config is set to 0" in prepared.notes[0]
     # the request's lr wins over the section's; the request's keywords over its params
     prepared = run_policy.prepare(_request(deepspeed=config, lr=5e-4, opt_args={"beta3": 0.9}))
     assert prepared.lr == 5e-4 and prepared.hyperparams["beta3"] == 0.9

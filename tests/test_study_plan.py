@@ -151,7 +151,7 @@ def test_protocol_b_has_the_three_ablations_and_one_epoch():
 def test_cpu_small_reads_shared_data_from_the_environment(tmp_path, monkeypatch):
     corpus = tmp_path / "data" / "wikitext-2" / "test.txt"
     corpus.parent.mkdir(parents=True)
-    corpus.write_text("some text\n\nmore text\n")
+    corpus.write_text("some text\n\nmore text\n" * 2000)  # holds the plan's 256 windows of 128
     monkeypatch.setenv("STRATOPT_SHARED", str(tmp_path))
     plan = load_plan(PLANS / "cpu_small.yaml")
     assert len(plan.runs()) == 25 and len(plan.arms) == 5

@@ -130,3 +130,45 @@ def test_the_study_writes_what_the_training_entry_reads(tmp_path):
     config = TrainConfig.read(tmp_path / "train_config.json")
     assert (config.seed, config.data_seed, config.steps, config.out) == (3, 3, 20, str(tmp_path))
     assert config.save_every == 2 and not config.progress  # resumable by default, quiet
+
+
+def test_a_study_started_by_an_earlier_version_goes_on(tmp_path):
+    """Its run specs list command-line arguments: they are read as the TrainConfig they mean."""
+    from stratopt_ds.study.results import SPEC_FILE
+    from stratopt_ds.study.runner import StudyError, StudyRunner
+
+    raw = {"name": "p", "baseline": "adamw", "seeds": [3], "arms": ["adamw"],
+           "sizes": {"tiny": {"preset": "tiny"}},
+           "train": {"steps": 20, "data": "synthetic", "tensorboard": False}}
+    built = parse_plan(raw, check_files=False)
+    run = built.runs()[0]
+    runner = StudyRunner(built, tmp_path / "p.yaml", tmp_path, 1, False, False)
+    runner.specs = {run.key: runner.spec(run)}
+    old_args = ["--optimizer", "adamw", "--preset", "tiny", "--steps", "20", "--seed", "3",
+                "--data-seed", "3", "--data", "synthetic", "--no-tensorboard"]
+    run_dir = run.directory(tmp_path)
+    run_dir.mkdir(parents=True)
+    old_spec = {"run": run.key, "seed": 3, "data_seed": 3, "steps": 20, "train_args": old_args,
+                "deepspeed": None}
+    (run_dir / SPEC_FILE).write_text(json.dumps(old_spec))
+    runner.check_same_spec(run, run_dir)  # the same run: accepted
+    old_spec["train_args"] = old_args[:-1]  # tensorboard on: another run
+    (run_dir / SPEC_FILE).write_text(json.dumps(old_spec))
+    with pytest.raises(StudyError, match="other settings.*train_config"):
+        runner.check_same_spec(run, run_dir)
+
+
+def test_small_numbers_survive_the_round_trip_through_files(tmp_path):
+    """YAML 1.1 reads 1e-5 as a string; the config files and plans read it as a number."""
+    config = TrainConfig(lr=1e-5, opt_args={"eps": 1e-8, "betas": [0.9, 0.95]})
+    config.write(tmp_path / "c.json")
+    assert TrainConfig.read(tmp_path / "c.json") == config
+    (tmp_path / "c.yaml").write_text("lr: 1e-5\nopt_args: {eps: 1e-8}\n")
+    back = TrainConfig.read(tmp_path / "c.yaml")
+    assert back.lr == 1e-5 and back.opt_args == {"eps": 1e-8}
+
+
+def test_boolean_flags_undo_a_config_file(tmp_path):
+    (tmp_path / "c.yaml").write_text("tensorboard: false\nresume: true\n")
+    config = train_config_of(["--config", str(tmp_path / "c.yaml"), "--tensorboard", "--no-resume"])
+    assert config.tensorboard and not config.resume

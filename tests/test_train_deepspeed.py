@@ -64,3 +64,40 @@ def test_deepspeed_launcher_trains_stratopt_from_the_config_and_resumes(tmp_path
     assert again["losses"] == losses  # steps 11-20 bit-identical on the same 2 ranks
     assert again["val_losses"] == summary["val_losses"]
     assert again["data_state"] == summary["data_state"]
+
+
+def run_launch(out: Path, *args: str, config: str = "tiny_zero2_cpu.json") -> tuple[subprocess.CompletedProcess, int]:
+    port = free_port()
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
+           "--module", "stratopt_ds.train", "--deepspeed_config", config, "--batch-size", "16",
+           "--out", str(out), "--no-progress", "--no-tensorboard", "--data", "synthetic",
+           "--max-docs", "300", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return proc, port
+
+
+def test_a_run_deepspeed_skips_is_reported_diverged_and_autotp_is_refused(tmp_path):
+    """DeepSpeed skips overflowing steps before our optimizer sees them: they still count as
+    skipped steps, so --diverge-after stops the run (exit 3, status diverged). And a
+    tensor-parallel config is refused on every rank before any process group."""
+    proc, port = run_launch(tmp_path / "diverged", "--steps", "40", "--lr", "1e30",
+                            "--diverge-after", "5", "--eval-batches", "1",
+                            config=str(ROOT / "ds_configs" / "tiny_zero2_cpu.json"))
+    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "diverged" / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["steps_done"] < 40
+    assert summary["skipped_steps"] >= 5
+    records = [json.loads(line) for line in (tmp_path / "diverged" / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if "loss" in r][-5:]
+    assert all(r["grad_norm"] is None for r in last)  # no stale norm of an older step
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+    config = json.loads((ROOT / "ds_configs" / "tiny_zero2_cpu.json").read_text())
+    config["tensor_parallel"] = {"autotp_size": 2}
+    (tmp_path / "tp.json").write_text(json.dumps(config))
+    proc, _ = run_launch(tmp_path / "tp", "--steps", "4", config=str(tmp_path / "tp.json"))
+    assert proc.returncode != 0
+    assert proc.stderr.count("tensor_parallel.autotp_size=2 is not supported by stratopt_ds") == 2
+    assert "Initializing TorchBackend" not in proc.stdout + proc.stderr  # no process group started
+    assert not (tmp_path / "tp").exists()  # nothing written

@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from .batches import Windows
-from .errors import DataError, StoreError
-from .sources import Source, describe_source
+from .errors import DataError, SourceError, StoreError
+from .sources import Source, describe_source, iter_documents
 from .store import MANIFEST, BuildSettings, TokenStore, build_key, build_store, is_store, open_store
-from .tokenizer import default_cache_dir, matches
+from .tokenizer import check_tokenizer_name, default_cache_dir, matches
 
 
 @dataclass
@@ -59,12 +59,53 @@ class DataRequest:
 
     def check(self) -> str:
         """Raise DataError (or FileNotFoundError) naming the option at fault; return the name of
-        the tokenizer the run will use (the store's, or the one a source is built with)."""
+        the tokenizer the run will use (the store's, or the one a source is built with).
+
+        A source is checked without building it: its files' first bytes (``describe_source``),
+        the tokenizer (without network where the hub is offline), and that it holds enough text
+        for the validation windows and one training window (``check_source_size``)."""
         if self.from_store:
             store = open_store(self.data)
             self.check_store(store)
             return store.tokenizer_name
-        return self.build_settings(describe_source(self.data)).tokenizer
+        try:
+            source = describe_source(self.data)
+        except (SourceError, FileNotFoundError) as e:
+            raise _as_data_option(e, self.data) from None
+        settings = self.build_settings(source)
+        check_tokenizer_name(settings.tokenizer)
+        self.check_source_size(source, settings)
+        return settings.tokenizer
+
+    def check_source_size(self, source: Source, settings: BuildSettings) -> None:
+        """The store built from ``source`` must hold the validation part (``val_windows`` windows,
+        the source's first tokens) and one training window after it. Counted by reading the
+        documents only until there are enough (cheap: the need is a few windows): exact for
+        'byte' (a token per byte, and EOS per document), an upper bound for 'bpe' (each of its
+        tokens holds at least one byte). Not checked for a hub tokenizer, whose tokens per byte
+        are not bounded, nor for FineWeb (streamed, and far larger)."""
+        if source.kind == "fineweb" or settings.tokenizer not in ("byte", "bpe"):
+            return
+        s = self.seq_len
+        if settings.max_tokens is not None and settings.max_tokens < s + 1:
+            raise DataError(f"--max-tokens {settings.max_tokens} leaves no training window of "
+                            f"--seq-len {s} (+1) tokens")
+        need = settings.val_tokens + s + 1
+        have = 0
+        try:
+            for doc in iter_documents(source, settings.max_docs, settings.text_field):
+                have += len(doc.encode("utf-8")) + 1
+                if have >= need:
+                    return
+        except SourceError as e:
+            raise _as_data_option(e, self.data) from None
+        bound = "" if settings.tokenizer == "byte" else "at most "
+        docs = f" (--max-docs {settings.max_docs})" if settings.max_docs is not None else ""
+        raise DataError(f"--seq-len {s}: --data {self.data}{docs} holds {bound}{have:,} tokens "
+                        f"with --tokenizer {settings.tokenizer}, and a run needs {need:,}: "
+                        f"--val-windows {self.val_windows} windows of {s} tokens (+1) to evaluate "
+                        f"on, then one training window of {s + 1}; give a shorter --seq-len, "
+                        f"fewer --val-windows, or more text")
 
     def check_store(self, store: TokenStore) -> None:
         for option, value in (("--max-docs", self.max_docs), ("--max-tokens", self.max_tokens)):
@@ -130,6 +171,17 @@ class DataRequest:
             self.check_store(store)
         return TrainingData(store, Windows(store.part("train"), self.seq_len),
                             Windows(store.part("val"), self.seq_len, limit=self.val_windows))
+
+
+def _as_data_option(e: Exception, data: str) -> Exception:
+    """The error of a source, named as the entry points name it: '--data X: ...', with X once
+    (a message about X itself starts with X; one about a file inside X names that file)."""
+    message = str(e)
+    for name in dict.fromkeys((data, str(Path(data)))):
+        if message.startswith(f"{name}: "):
+            message = message[len(name) + 2:]
+            break
+    return type(e)(f"--data {data}: {message}")
 
 
 @contextlib.contextmanager

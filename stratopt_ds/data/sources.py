@@ -6,10 +6,14 @@ that changes when any of them changes) and then read as a *stream* of documents
 so reading a 40 GB source costs the same memory as reading a small one.
 
 Every reader names the file and the line (or the column) of a fault: binary data, text that is
-not UTF-8, a JSON line without the text field, a Parquet file without the column.
+not UTF-8, a JSON line without the text field, a Parquet file without the column. Describing a
+source already reads each file's first bytes (``SNIFF_BYTES``; a Parquet file's magic at both
+ends), so a binary file under a text suffix, or a Parquet file that is not one, fails when the
+run is checked, not minutes into a build.
 """
 from __future__ import annotations
 
+import codecs
 import glob
 import itertools
 import json
@@ -67,15 +71,21 @@ def synthetic_documents(num_docs: int = SYNTHETIC_DOCS, seed: int = SYNTHETIC_SE
 # Local files, read as streams
 
 
-def _binary_fault(path: Path, lineno: int, line: bytes) -> Optional[str]:
+def _binary_fault(path: Path, lineno: int, line: bytes, final: bool = True) -> Optional[str]:
+    """Why ``line`` is not UTF-8 text, or None; ``final=False``: the line may be cut short (the
+    end of a sniffed head), so a character cut in two at its end is no fault."""
     if b"\x00" in line:
-        return f"{path}: line {lineno} holds a NUL byte: binary data, not text"
+        return f"{path}: line {lineno} holds a NUL byte: binary data, not UTF-8 text"
     try:
-        line.decode("utf-8")
+        codecs.getincrementaldecoder("utf-8")().decode(line, final=final)
     except UnicodeDecodeError as e:
         return (f"{path}: line {lineno} is not UTF-8 text ({e.reason} at byte {e.start} of the "
                 f"line); is it a binary file?")
     return None
+
+
+def _unreadable(path: Path, e: OSError) -> SourceError:
+    return SourceError(f"{path}: cannot be read ({e.strerror or e})")
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -83,9 +93,17 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
     try:
         handle = path.open("rb")
     except OSError as e:
-        raise SourceError(f"{path}: cannot be read ({e.strerror or e})") from None
+        raise _unreadable(path, e) from None
     with handle:
-        for lineno, raw in enumerate(handle, 1):
+        lineno, lines = 0, iter(handle)
+        while True:
+            try:  # a read error (EIO, a file cut short on a network disk) names the file too
+                raw = next(lines)
+            except StopIteration:
+                return
+            except OSError as e:
+                raise _unreadable(path, e) from None
+            lineno += 1
             fault = _binary_fault(path, lineno, raw)
             if fault:
                 raise SourceError(fault)
@@ -142,11 +160,51 @@ def read_parquet(path: Path, text_field: str = "text") -> Iterator[str]:
             for text in batch.column(0).to_pylist():
                 if text is not None:
                     yield text
-    except pa.ArrowException as e:
+    except (pa.ArrowException, OSError) as e:
         raise SourceError(f"{path}: corrupted Parquet data ({e})") from None
 
 
 READERS = {".txt": read_txt, ".jsonl": read_jsonl, ".parquet": read_parquet}
+
+SNIFF_BYTES = 1 << 13   # the head of each file read when a source is described
+PARQUET_MAGIC = b"PAR1"  # at both ends of every Parquet file
+# Formats often renamed .txt / .jsonl by mistake: named, since their bytes alone say little.
+_NOT_TEXT = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz",
+             b"\x28\xb5\x2f\xfd": "zstd", b"PK\x03\x04": "zip", b"\xff\xfe": "UTF-16",
+             b"\xfe\xff": "UTF-16"}
+
+
+def sniff(path: Path) -> None:
+    """Raise SourceError naming ``path`` when its first bytes show it cannot be read as its
+    suffix says: binary data in a .txt / .jsonl (a NUL byte, bytes that are not UTF-8, a
+    compressed file), a .parquet without Parquet's magic at its start and end. Reads at most
+    ``SNIFF_BYTES`` (and a Parquet file's last 4): cheap enough for every file of a source."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(SNIFF_BYTES)
+            complete = not handle.read(1)
+            size = handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, size - len(PARQUET_MAGIC)))
+            tail = handle.read()
+    except OSError as e:
+        raise _unreadable(path, e) from None
+    if path.suffix == ".parquet":
+        missing = ("start" if not head.startswith(PARQUET_MAGIC) else
+                   "end" if tail != PARQUET_MAGIC or size < 12 else None)  # magic, length, magic
+        if missing:
+            raise SourceError(f"{path}: not a readable Parquet file: no {PARQUET_MAGIC.decode()} "
+                              f"magic at its {missing} (truncated, corrupted, or another format; "
+                              f"{size:,} bytes)")
+        return
+    kind = next((name for magic, name in _NOT_TEXT.items() if head.startswith(magic)), None)
+    if kind:
+        raise SourceError(f"{path}: {kind} data, not UTF-8 text ({path.suffix} files are read "
+                          f"as plain UTF-8: decompress or convert it first)")
+    lines = head.split(b"\n")
+    for lineno, line in enumerate(lines, 1):
+        fault = _binary_fault(path, lineno, line, final=complete or lineno < len(lines))
+        if fault:
+            raise SourceError(fault)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -164,10 +222,15 @@ def fineweb_dataset(config: str = FINEWEB_CONFIG):
     return load_dataset(FINEWEB, name=config, split="train", streaming=True)
 
 
+def hub_offline() -> bool:
+    """Offline mode is set (HF_HUB_OFFLINE, HF_DATASETS_OFFLINE or TRANSFORMERS_OFFLINE)."""
+    return any(os.environ.get(v, "0").lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     """True unless offline mode is set or the hub cannot be reached within ``timeout`` seconds."""
-    if any(os.environ.get(v, "0").lower() in ("1", "true", "yes")
-           for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+    if hub_offline():
         return False
     try:
         socket.create_connection(HUB_HOST, timeout=timeout).close()
@@ -226,6 +289,7 @@ def _check_file(path: Path, where: str) -> None:
                           f"'fineweb'")
     if not os.access(path, os.R_OK):
         raise SourceError(f"{path}: cannot be read (permission denied)")
+    sniff(path)
 
 
 def describe_source(spec: str) -> Source:
@@ -248,8 +312,12 @@ def describe_source(spec: str) -> Source:
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in READERS
                        and not any(part.startswith(".") for part in p.relative_to(path).parts))
         if not files:
-            raise SourceError(f"directory {spec!r} holds no {'/'.join(READERS)} files (and no "
-                              f"manifest.json: it is not a token store either)")
+            others = sorted(p.name for p in path.iterdir())
+            holds = (f"only {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}"
+                     if others else "it is empty")
+            raise SourceError(f"{spec}: a directory, but neither a token store (no manifest.json) "
+                              f"nor a folder of sources: it holds no {'/'.join(READERS)} files "
+                              f"({holds})")
         for p in files:
             _check_file(p, f"directory {spec!r}")
         return Source(spec, "files", tuple(p.resolve() for p in files))

@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 
 from .errors import TokenizerError
+from .sources import hub_offline, hub_reachable
 
 EOS_TOKEN = "<|endoftext|>"
 MIN_BPE_VOCAB = 258  # 256 byte symbols + EOS + at least one merge
@@ -92,17 +93,58 @@ class HubTokenizer:
         self.tokenizer.save_pretrained(str(directory))
 
 
+# What --tokenizer accepts, for the messages.
+ALTERNATIVES = ("expected 'byte', 'bpe' (trained on the source), a local directory of tokenizer "
+                "files, or a Hugging Face hub name (org/name) that is cached or reachable")
+# Any of these makes a directory (or a cached hub repository) a tokenizer AutoTokenizer can load.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt",
+                   "spiece.model", "tokenizer.model")
+
+
 def _auto_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        where = ("not in the Hugging Face cache (offline mode)" if hub_offline()
+                 else "not loadable from the hub")
         raise TokenizerError(
             f"--tokenizer {name!r}: not 'byte' or 'bpe', not a local tokenizer directory, and "
-            f"{'not in the Hugging Face cache (offline mode)' if offline else 'not loadable from the hub'}"
-            f" ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+            f"{where} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); {ALTERNATIVES}") from None
+
+
+def check_tokenizer_name(spec: str) -> None:
+    """Raise TokenizerError unless ``--tokenizer spec`` can be had when the store is built:
+    'byte', 'bpe', a directory holding tokenizer files, or a hub name in the Hugging Face cache
+    or, when not cached, with the hub reachable. Without a download, and without any network
+    where offline mode is set; a hub name that is reachable is only loaded by the build."""
+    if spec in ("byte", "bpe"):
+        return
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not any((path / name).is_file() for name in TOKENIZER_FILES):
+            raise TokenizerError(f"--tokenizer {spec}: a directory without tokenizer files (none "
+                                 f"of {', '.join(TOKENIZER_FILES)}); {ALTERNATIVES}")
+        return
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+    except ImportError:
+        raise TokenizerError(f"--tokenizer {spec!r}: a hub tokenizer needs transformers (pip "
+                             f"install 'stratopt-ds[train]'); {ALTERNATIVES}") from None
+    try:
+        validate_repo_id(spec)
+    except HFValidationError:
+        raise TokenizerError(f"--tokenizer {spec!r}: no such directory, and not a hub name "
+                             f"(org/name); {ALTERNATIVES}") from None
+    if any(isinstance(try_to_load_from_cache(spec, name), str) for name in TOKENIZER_FILES):
+        return
+    if hub_offline() or not hub_reachable():
+        why = "offline mode is set" if hub_offline() else "the hub cannot be reached"
+        raise TokenizerError(f"--tokenizer {spec!r}: not a local directory, and not in the Hugging "
+                             f"Face cache while {why}; {ALTERNATIVES} (load it once where the hub "
+                             f"is reachable, or save it to a directory and give that)")
 
 
 # ------------------------------------------------------------------------------------------------

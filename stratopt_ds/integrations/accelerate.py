@@ -33,71 +33,22 @@ or outside a launcher.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Optional
 
 from .. import run_policy
 from .deepspeed import SETTINGS, load_config, log_notes, release_cpu_comm_shm
 from ..optim import LayerwiseAdam
-from ..run_policy import offloads_optimizer, resolve_optimizer_name
+from ..run_policy import offloads_optimizer
 
 
 # ------------------------------------------------------------------------------------------------
 # The DeepSpeed config
 
 
-def same_value(a: Any, b: Any) -> bool:
-    """Config values compare equal: JSON lists match tuples, ints match floats."""
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
-    return a == b
-
-
-def section_mismatches(section: Mapping[str, Any], settings: Mapping[str, Any],
-                       source: Callable[[str], str]) -> list[str]:
-    """``"optimizer.params.k=v vs <source(k)>=w"`` for every explicit section value that differs.
-
-    ``"auto"`` values never mismatch; keys absent from ``settings`` are left to the caller."""
-    out = []
-    for key, value in (section.get("params") or {}).items():
-        if value != "auto" and key in settings and not same_value(value, settings[key]):
-            out.append(f"optimizer.params.{key}={value!r} vs {source(key)}={settings[key]!r}")
-    return out
-
-
-def optimizer_settings(optimizer: LayerwiseAdam) -> dict[str, Any]:
-    """Every hyperparameter the optimizer was built with (group defaults and layer options)."""
-    return {**optimizer.defaults, **optimizer.layer_options}
-
-
-def check_section_matches_optimizer(section: Mapping[str, Any], optimizer: LayerwiseAdam) -> None:
-    """A config section naming our optimizer must describe the instance actually passed."""
-    name = resolve_optimizer_name(str(section.get("type", "")))
-    if name != optimizer.preset:
-        raise ValueError(f"the DeepSpeed config's optimizer.type {section.get('type')!r} is not the "
-                         f"optimizer passed ({type(optimizer).__name__}, {optimizer.preset!r}); remove "
-                         'the "optimizer" key or make them agree')
-    settings = optimizer_settings(optimizer)
-    unknown = [k for k in (section.get("params") or {}) if k not in settings]
-    if unknown:
-        raise ValueError(f"optimizer.params has unknown hyperparameters {unknown}; allowed: "
-                         f"{', '.join(settings)}")
-    bad = section_mismatches(section, settings, lambda key: f"the optimizer's {key}")
-    if bad:
-        raise ValueError("the DeepSpeed config's optimizer section disagrees with the optimizer "
-                         "passed (it would be silently ignored):\n  " + "\n  ".join(bad) +
-                         '\nset these to "auto", remove them, or remove the "optimizer" key')
-
-
 def prepare_for_optimizer(config: dict, optimizer: Any) -> dict:
     """Make a DeepSpeed config (in place) keep ``optimizer`` as DeepSpeed's client optimizer: the
     run policy's preparation, and a section naming ours must describe ``optimizer``."""
     prepared = run_policy.prepare(run_policy.RunRequest(optimizer=optimizer, deepspeed=config, names=SETTINGS))
-    section = config.get("optimizer")  # the policy refused one naming another optimizer
-    if section is not None:
-        if not isinstance(optimizer, LayerwiseAdam):
-            raise ValueError(f'the DeepSpeed config names {section.get("type")!r} in its "optimizer" '
-                             f"section but a {type(optimizer).__name__} is passed; remove the key")
-        check_section_matches_optimizer(section, optimizer)  # it would be ignored: it must agree
     log_notes(prepared)
     config.clear()  # in place: an existing plugin holds this dict
     config.update(prepared.deepspeed)

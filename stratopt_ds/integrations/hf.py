@@ -69,7 +69,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.training_args import OptimizerNames
 
 from .. import run_policy
-from .accelerate import bind_prepared, distributed_state, section_mismatches
+from ..run_policy import section_mismatches
+from .accelerate import bind_prepared, distributed_state
 from ..data import WindowDataset, WindowSampler
 from .hf_callback import install_layer_stats
 from .deepspeed import load_config
@@ -86,7 +87,7 @@ OPTIM_CHOICES = OUR_NAMES + tuple(n for n in HF_NAMES if n not in OUR_NAMES)
 _ENUM_STAND_IN = "adamw_torch"
 TESTED_TRANSFORMERS_MAJOR = 5
 # How the run policy names the Trainer's settings (clip: --max_grad_norm or the config's gradient_clipping).
-SETTINGS = run_policy.Settings(optimizer="--optim", opt_args="--optim_args", lr="--learning_rate",
+SETTINGS = run_policy.Settings(optimizer="--optim", opt_args="--optim_args/--adam_*/--weight_decay", lr="--learning_rate",
                                clip="--max_grad_norm", config="--deepspeed")
 # A transformers optimizer in a run-policy request: not one of ours, so it does not clip itself.
 _TRANSFORMERS_OPTIMIZER = object()

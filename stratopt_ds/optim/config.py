@@ -14,7 +14,9 @@ Keywords split in two kinds:
 """
 from __future__ import annotations
 
+import difflib
 import math
+import numbers
 from typing import Any, Mapping
 
 import torch
@@ -42,6 +44,19 @@ LAYER_DEFAULTS: dict[str, Any] = {
     "alpha_max": 10.0,
     "granularity": "tensor",
 }
+
+# What else a parameter group may hold: its tensors and their names; keys that torch's LR
+# schedulers, SWALR and DeepSpeed's MoE groups write into groups (kept as given, never read by
+# the step); and torch.optim's own switches (a group taken from a torch optimizer), at the values
+# that ask for what this optimizer does anyway. Any other key is a typo or a setting that would
+# be silently ignored: refused.
+GROUP_TENSOR_KEYS = ("params", "param_names")
+GROUP_FOREIGN_KEYS = ("initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum", "swa_lr",
+                      "name", "moe")
+TORCH_SWITCHES: dict[str, tuple] = {
+    "maximize": (False,), "amsgrad": (False,), "differentiable": (False,),
+    "decoupled_weight_decay": (True,), "foreach": (None, False, True),
+    "fused": (None, False, True), "capturable": (None, False, True)}
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "scaling": ("none", "linear", "sqrt", "inverse"),
@@ -102,7 +117,8 @@ def _fail(key: str, value: Any, allowed: str) -> None:
 
 
 def _is_real(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    # numbers.Real: a scheduler may write a NumPy float (np.float32 * a Python float stays one)
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _check_range(key: str, value: Any, lo: float, hi: float, lo_open: bool, hi_open: bool) -> None:
@@ -114,8 +130,29 @@ def _check_range(key: str, value: Any, lo: float, hi: float, lo_open: bool, hi_o
         _fail(key, value, f"a finite number in {left}{lo}, {hi}{right}")
 
 
-def validate_group(group: Mapping[str, Any]) -> None:
-    """Check the group keywords of one parameter group (the defaults included)."""
+def check_group_keys(group: Mapping[str, Any], index: int) -> None:
+    """Refuse a key that no one reads (``wieght_decay``), naming it and what is allowed."""
+    for key, value in group.items():
+        if key in GROUP_DEFAULTS or key in GROUP_TENSOR_KEYS or key in GROUP_FOREIGN_KEYS:
+            continue
+        if key in TORCH_SWITCHES:
+            if any(value is v for v in TORCH_SWITCHES[key]):
+                continue
+            raise ValueError(f"parameter group {index}: {key}={value!r} is not supported (a "
+                             f"torch.optim switch; allowed here: "
+                             f"{' or '.join(map(repr, TORCH_SWITCHES[key]))})")
+        known = [*GROUP_TENSOR_KEYS, *GROUP_DEFAULTS, *LAYER_DEFAULTS]
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"parameter group {index}: unknown key {key!r}{hint}; allowed: "
+                         f"{', '.join([*GROUP_TENSOR_KEYS, *GROUP_DEFAULTS])} (and, kept as "
+                         f"given, {', '.join(GROUP_FOREIGN_KEYS)})")
+
+
+def validate_group(group: Mapping[str, Any], read_tensors: bool = True) -> None:
+    """Check the group keywords of one parameter group (the defaults included).
+    ``read_tensors=False``: a tensor lr's value is not read (no host-device sync); the step
+    checks it on its device."""
     inf = math.inf
     lr = group["lr"]
     if isinstance(lr, torch.Tensor):
@@ -123,7 +160,10 @@ def validate_group(group: Mapping[str, Any]) -> None:
         # step, so a CUDA graph replays with the value a scheduler last wrote into it (fill_).
         if lr.numel() != 1 or lr.dim() != 0 or not lr.is_floating_point():
             _fail("lr", lr, "a float or a 0-dim floating-point tensor")
-        lr = lr.item()  # checked once here; the step never reads it on the host
+        if not read_tensors:
+            lr = 0.0  # its value is the step's to check, on the device
+        else:
+            lr = lr.item()  # checked once here; the step never reads it on the host
     _check_range("lr", lr, 0.0, inf, False, True)
     betas = group["betas"]
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):

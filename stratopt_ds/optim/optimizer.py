@@ -24,6 +24,11 @@ Choices where the spec leaves room:
 * The whole step is computed without a host synchronisation: a non-finite layer norm turns the
   learning rate and the moment weights to zero through a device flag, so weights, moments and
   the step counter stay bit-identical, and ``skipped_steps`` counts it.
+* Group values are checked when a group is added (an unknown key such as ``wieght_decay`` is
+  refused, naming the allowed keys) and again at every ``step()``, on the host: ``lr = nan``
+  written into a group after construction is refused with ValueError before anything changes.
+  A tensor ``lr`` is checked on its device instead (no sync): a bad value skips that group's
+  step, like a non-finite gradient, and counts in ``skipped_steps``.
 * Parameters whose ``.grad`` is None are neither measured nor updated, like ``torch.optim``.
 * States are float32 and contiguous whatever the parameter dtype and layout; a low-precision or
   non-contiguous parameter (channels_last, transposed, a slice) is updated through a contiguous
@@ -60,6 +65,19 @@ def _refuse_complex(t: torch.Tensor, index: int, what: str = "parameter") -> Non
         raise ValueError(f"{what} {index} (shape {tuple(t.shape)}, {t.dtype}) is complex: complex "
                          "parameters are not supported by stratopt_ds optimizers; optimize the "
                          "real view (torch.view_as_real) as a real parameter instead")
+
+
+def _check_param_names(group: dict[str, Any], index: int) -> None:
+    # Names pair with tensors by position: one too few would shift every later layer's name.
+    if "param_names" not in group:
+        return
+    names, n = group["param_names"], len(group["params"])
+    if not isinstance(names, (list, tuple)) or not all(isinstance(x, str) for x in names):
+        raise ValueError(f"parameter group {index}: 'param_names' must be a list of strings, one "
+                         f"per parameter, got {type(names).__name__}")
+    if len(names) != n:
+        raise ValueError(f"parameter group {index}: 'param_names' has {len(names)} names for "
+                         f"{n} parameters; give one name per parameter, in order")
 
 
 def _steps_in_place(p: torch.Tensor) -> bool:
@@ -103,11 +121,14 @@ class LayerwiseAdam(Optimizer):
             if isinstance(param_group, dict) and key in param_group:
                 raise ValueError(f"{key!r} is an optimizer-wide setting and cannot be set per "
                                  f"parameter group; pass {key}=... to the optimizer instead")
+        index = len(self.param_groups)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         if isinstance(group.get("betas"), list):
             group["betas"] = tuple(group["betas"])
         try:
+            config.check_group_keys(group, index)
+            _check_param_names(group, index)
             config.validate_group(group)
             first = sum(len(g["params"]) for g in self.param_groups[:-1])
             for k, p in enumerate(group["params"]):
@@ -206,6 +227,7 @@ class LayerwiseAdam(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_group_values()
         stepped = list(self._stepped_tensors())
         ids = {id(p) for _, p in stepped}
         if self.sharding.is_local and any(i not in self.layer_map.fragments for i in ids):
@@ -218,6 +240,17 @@ class LayerwiseAdam(Optimizer):
             self.last_step = self.layer_stats.advance(layer_sq)
         self._update(stepped, self.last_step)
         return loss
+
+    def _check_group_values(self) -> None:
+        """Group values change after construction (schedulers, users, a loaded state dict): a
+        bad one (lr = nan) is refused before anything is touched. Host values only, no device
+        sync; a tensor lr is checked on its device in ``_update``."""
+        for index, group in enumerate(self.param_groups):
+            try:
+                config.validate_group(group, read_tensors=False)
+            except ValueError as e:
+                raise ValueError(f"param_groups[{index}]: {e}; refused at step(): the weights and "
+                                 f"the optimizer state are unchanged") from None
 
     def init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The state of ``p``, created (zeros, step 0) if it has none yet."""
@@ -236,15 +269,26 @@ class LayerwiseAdam(Optimizer):
         # reference); here only the bookkeeping: states, step counters, one call per group.
         finite = ls.finite
         keep = finite.to(torch.float64)  # 1: apply the step, 0: leave everything as it is
+        bad_lr = None  # a tensor lr that is non-finite or negative, on the device
         depth_mode = self.layer_options["beta1_mode"] == "depth"
         beta1_layer = self._depth_beta1 if depth_mode else None
         groups: dict[int, tuple[dict[str, Any], list[torch.Tensor]]] = {}
         for group, p in stepped:
             groups.setdefault(id(group), (group, []))[1].append(p)
         for group, ps in groups.values():
+            lr, group_finite, group_keep = group["lr"], finite, keep
+            if isinstance(lr, torch.Tensor):
+                # Checked where it lives, without a host sync (CUDA graphs replay it): a bad value
+                # skips this group's step as a non-finite gradient does, counted in skipped_steps.
+                ok = torch.isfinite(lr) & (lr >= 0)
+                lr = torch.where(ok, lr, torch.zeros_like(lr))  # 0 * nan would still be nan
+                ok = ok.to(finite.device)
+                bad_lr = ~ok if bad_lr is None else bad_lr | ~ok
+                group_finite = finite & ok
+                group_keep = group_finite.to(torch.float64)
             states = [self.init_state(p, group) for p in ps]
             steps = [state["step"] for state in states]
-            torch._foreach_add_(steps, keep)
+            torch._foreach_add_(steps, group_keep)
             p32s = self._fp32_views(ps)
             # a contiguous bf16/fp16 parameter is written from its fp32 copy in the same pass
             # (the kernels write flat memory); any other copy is written back below
@@ -257,14 +301,16 @@ class LayerwiseAdam(Optimizer):
                 p32s, [p.grad for p in ps],
                 [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
                 [st["exp_avg_slow"] for st in states] if mix else None, steps,
-                self.layer_map.rows_of(ps), finite, ls.clip_coef, ls.alpha, beta1_layer,
-                lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
+                self.layer_map.rows_of(ps), group_finite, ls.clip_coef, ls.alpha, beta1_layer,
+                lr=lr, beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
                 weight_decay=group["weight_decay"], beta3=group["beta3"],
                 mix_alpha=group["mix_alpha"], t_alpha=group["t_alpha"], t_beta3=group["t_beta3"],
                 half_out=outs)
             for p, p32, out in zip(ps, p32s, outs):
                 if p32 is not p and out is None:  # float64, or a non-contiguous parameter
                     p.copy_(p32)
+        if bad_lr is not None:  # once per step, however many groups had a bad lr
+            self.layer_stats.skipped_steps.add_((finite & bad_lr.reshape(())).to(torch.int64))
 
     def _fp32_views(self, ps: list[torch.Tensor]) -> list[torch.Tensor]:
         """Each parameter as a contiguous float32 tensor, which the fused update steps (it reads

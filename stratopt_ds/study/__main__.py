@@ -3,6 +3,10 @@
     python -m stratopt_ds.study check  PLAN [--list]          validate a plan, count its runs
     python -m stratopt_ds.study run    PLAN [--out DIR] [--jobs N] [--retry-failed]
     python -m stratopt_ds.study report DIR                    report.md / report.json / plots
+
+Exit codes: 0 done; 1 a study error, or runs that diverged or failed (``run`` lists each on
+stderr by key with its reason; they are recorded, and ``--retry-failed`` runs them again with
+the same seeds); 2 a bad plan; 130/143 interrupted (the runs resume next time).
 """
 from __future__ import annotations
 
@@ -13,7 +17,9 @@ from typing import Optional
 
 from .plan import PlanError, load_plan
 from .report import write_report
-from .runner import Interrupted, StudyError, run_study
+from .runner import Interrupted, StudyError, failed_runs, run_study
+
+EXIT_FAILED_RUNS = 1  # as a study error: a script that runs a study stops on either
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,12 +57,20 @@ def main(argv: Optional[list[str]] = None) -> int:
                 print(f"  {r.key}")
             return 0
         if args.command == "run":
-            out = args.out or f"runs/study_{load_plan(args.plan).name}"
+            plan = load_plan(args.plan)
+            out = args.out or f"runs/study_{plan.name}"
             counts = run_study(args.plan, out, args.jobs, args.retry_failed,
                                progress=not args.no_progress)
             print("runs: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v))
             if args.report:
                 print(f"report: {write_report(out)[0]}")
+            failed = failed_runs(plan, out)
+            for key, state in failed:
+                print(f"FAILED {key}: {state.status}: {state.reason}", file=sys.stderr)
+            if failed:
+                print(f"error: {len(failed)} of {len(plan.runs())} runs diverged or failed (listed "
+                      f"above; --retry-failed runs them again with the same seeds)", file=sys.stderr)
+                return EXIT_FAILED_RUNS
             return 0
         md, js = write_report(args.directory, args.plan)
         print(f"report: {md}\n        {js}")

@@ -24,12 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
 from .. import data, models, run_policy, train
 from ..data import NAMED_SOURCES
 from ..optim import available_optimizers, preset_defaults
-from ..train_config import PLAN_OPTIONS, ConfigError, TrainConfig, check_option
+from ..train_config import (PLAN_OPTIONS, ConfigError, TrainConfig, check_option, is_int as _is_int,
+                            is_real as _is_real, load_yaml)
 
 
 class PlanError(ValueError):
@@ -114,6 +113,12 @@ class Run:
                            steps=steps or self.train.get("steps") or 1, **options)
 
 
+def data_request(run: Run, sized: bool = True) -> data.DataRequest:
+    """The data a run asks for, exactly as the training entry will ask for it."""
+    config = train.fill_defaults(run.train_config())
+    return train.data_request(config.replace(data=data.resolve_source(config.data)), sized=sized)
+
+
 def batch_size(run: Run) -> int:
     """The run's global batch: the plan's, else the preset's (as stratopt_ds.train fills it)."""
     return train.fill_defaults(run.train_config()).batch_size
@@ -164,8 +169,8 @@ def load_plan(path: str | Path, check_files: bool = True) -> Plan:
     if not path.is_file():
         raise PlanError(f"plan file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
+        raw = load_yaml(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # YAML's own errors
         raise PlanError(f"{path}: not valid YAML: {e}") from None
     return parse_plan(raw, where=str(path), check_files=check_files)
 
@@ -372,10 +377,12 @@ def deepspeed_config(launch: DeepSpeedLaunch) -> dict:
 
 
 def _check_data(run: Run, where: str) -> None:
-    """The source can be read, or the store exists and fits the run: its tokenizer, its
-    validation part, and enough training windows that the planned steps see no window twice."""
+    """The source can be read (its files' first bytes are text, or Parquet), its tokenizer can
+    be had, and it holds the validation windows and a training window of ``seq_len``; or the
+    store exists and fits the run: its tokenizer, its validation part, and enough training
+    windows that the planned steps see no window twice (``DataRequest.check``)."""
     steps = run.train.get("steps")
-    request = train.data_request(train.fill_defaults(run.train_config()), sized=steps is not None)
+    request = data_request(run, sized=steps is not None)
     source = run.train.get("data", "auto")
     try:
         request.check()
@@ -383,7 +390,8 @@ def _check_data(run: Run, where: str) -> None:
         hint = (f" (relative paths are read from the current directory {Path.cwd()}; where "
                 f"the plan writes ${{NAME:-default}}, set NAME, e.g. STRATOPT_SHARED or "
                 f"STRATOPT_STORES)" if isinstance(e, FileNotFoundError) else "")
-        raise PlanError(f"{where}: train.data {source!r}: {e}{hint}") from None
+        message = str(e).removeprefix(f"--data {request.data}: ")  # named here as train.data
+        raise PlanError(f"{where}: train.data {source!r}: {message}{hint}") from None
     if not request.from_store:
         if steps is None and request.max_docs is None and \
                 data.describe_source(request.data).kind == "fineweb":
@@ -450,14 +458,6 @@ def _bool(value: Any, where: str) -> bool:
     if not isinstance(value, bool):
         raise PlanError(f"{where}: expected true or false, got {value!r}")
     return value
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_real(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _kind(x: Any) -> str:

@@ -51,7 +51,7 @@ def finite(x: Any) -> bool:
 def run_state(run_dir: Path) -> RunState:
     """summary.json (train.py's verdict) first, then a failure the runner recorded, then a
     checkpoint to resume from; nothing at all means the run has not started."""
-    from ..resume import latest_tag
+    from ..resume import has_checkpoint
 
     run_dir = Path(run_dir)
     summary = RunSummary.read(run_dir / "summary.json")  # written by train.py only when a run ends
@@ -66,7 +66,7 @@ def run_state(run_dir: Path) -> RunState:
     recorded = read_json(run_dir / STATUS_FILE)
     if recorded and recorded.get("status") in FAILURES:
         return RunState(recorded["status"], recorded.get("reason", ""))
-    if latest_tag(run_dir / "checkpoints") is not None:
+    if has_checkpoint(run_dir / "checkpoints"):
         return RunState(INTERRUPTED, "checkpoint present, no summary")
     return RunState(PENDING)
 

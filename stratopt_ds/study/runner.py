@@ -34,8 +34,7 @@ from typing import Any, Optional
 from tqdm import tqdm
 
 from ..summary import RunSummary
-from .. import train
-from .plan import Plan, Run, deepspeed_config, load_plan, steps_of_epochs
+from .plan import Plan, Run, data_request, deepspeed_config, load_plan, steps_of_epochs
 from .results import (DIVERGED, EVENTS_FILE, FAILED, FAILURES, INTERRUPTED, LOG_FILE, OK, PENDING,
                       PID_FILE, PLAN_COPY, SPEC_FILE, STATUS_FILE, STUDY_FILE, RunState, read_json,
                       run_state)
@@ -132,10 +131,8 @@ class StudyRunner:
         saved = read_json(run_dir / SPEC_FILE)
         if saved is None:
             return
-        if "train_config" not in saved:
-            raise StudyError(f"{run_dir} was started by an earlier version of stratopt-ds (its "
-                             f"{SPEC_FILE} lists command-line arguments); finish that study with "
-                             f"that version, or use another --out")
+        if "train_config" not in saved and "train_args" in saved:
+            saved["train_config"] = config_of_train_args(saved.pop("train_args"))  # an earlier version's
         mine = json.loads(json.dumps(self.specs[run.key]))
         changed = [k for k in mine if saved.get(k) != mine[k]]
         if changed:
@@ -300,6 +297,20 @@ class StudyRunner:
         path.write_text(json.dumps(study, indent=1) + "\n")
 
 
+def config_of_train_args(argv: list[str]) -> dict[str, Any]:
+    """The TrainConfig that a run spec of an earlier version (an argument list) stands for."""
+    from ..train_config import build_parser, from_args
+
+    return from_args(build_parser(), argv).to_dict()
+
+
+def failed_runs(plan: Plan, out: str | Path) -> list[tuple[str, RunState]]:
+    """(key, state) of every run of ``plan`` in ``out`` that diverged or failed, in plan order:
+    this session's failures and earlier ones not retried alike."""
+    states = ((run.key, run_state(run.directory(Path(out)))) for run in plan.runs())
+    return [(key, state) for key, state in states if state.status in FAILURES]
+
+
 def raise_interrupted(signum, frame) -> None:
     raise Interrupted()
 
@@ -314,8 +325,7 @@ def write_deepspeed_config(run: Run, run_dir: Path) -> Path:
 def epoch_steps(run: Run) -> int:
     """steps = epochs x training windows / batch size, of the store the run will read (a source
     is built into the store cache here, once, as the run itself would build it)."""
-    request = train.data_request(train.fill_defaults(run.train_config()), sized=False)
-    return steps_of_epochs(run, len(request.open(progress=False).train))
+    return steps_of_epochs(run, len(data_request(run, sized=False).open(progress=False).train))
 
 
 def divergence_reason(summary: RunSummary) -> str:

@@ -19,6 +19,7 @@ import logging
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from ..layer_map import LayerMap
 from ..ops import fragment_sumsq
@@ -26,6 +27,7 @@ from ..sharding import local_layer_sq
 from .partition_map import (Slot, UnsupportedZeroSetting, bf16_optimizer_slots, pending_rows,
                             stage12_slots, stage3_slots)
 from .reduction import LayerSqAllReduce
+from .support import check_topology
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +85,9 @@ class ZeroBinding:
 
         make = {"stage12": stage12_slots, "stage3": stage3_slots, "bf16": bf16_optimizer_slots}[kind]
         self.slots: list[Slot] = make(wrapper, layer_of)
-        self.reducer = LayerSqAllReduce(self._dp_group(), enabled=reduce_enabled)
+        group = self._dp_group()
+        check_topology(dist.get_world_size(group=group), dist.get_world_size(), type(wrapper).__name__)
+        self.reducer = LayerSqAllReduce(group, enabled=reduce_enabled)
         self.layer_map = LayerMap(base_map.layout, {id(s.flat): s.fragments for s in self.slots})
 
     def _check_settings(self) -> None:

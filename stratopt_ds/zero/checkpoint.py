@@ -6,7 +6,9 @@ data-parallel world size, and its universal-checkpoint converter knows only Adam
 So resharding is ours: every rank writes the fragments it holds, keyed by parameter name and
 offset inside the parameter; on load every rank copies, from whichever saved fragments overlap,
 its own new fragments of the fp32 master weights and of every moment. No collective is needed
-beyond DeepSpeed's own re-broadcast of the low-precision weights.
+beyond DeepSpeed's own re-broadcast of the low-precision weights. The files hold tensors and
+plain containers only and are read without running code (:mod:`stratopt_ds.safe_load`); a
+missing, truncated or corrupted one raises CheckpointError naming it.
 
     save_sharded(engine, "ckpt/step100")   # on every rank
     load_sharded(engine, "ckpt/step100")   # on every rank, any world size, any ZeRO stage
@@ -19,6 +21,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from .. import safe_load
+from ..safe_load import CheckpointError, check_file, unusable
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_slow")
 FORMAT = "stratopt-sharded-1"
@@ -72,14 +77,31 @@ def save_sharded(engine, path: str) -> None:
 
 
 def _load_all(path: str) -> list[dict]:
+    """Every rank file of the checkpoint at ``path``, unpickled without running code
+    (:func:`stratopt_ds.safe_load.load`: tensors and plain containers only)."""
     files = sorted(glob.glob(os.path.join(path, "rank*.pt")))
     if not files:
-        raise FileNotFoundError(f"no stratopt sharded checkpoint in {path!r} (expected rank*.pt files)")
-    parts = [torch.load(f, map_location="cpu", weights_only=False) for f in files]
-    bad = [f for f, p in zip(files, parts) if p.get("format") != FORMAT]
-    if bad or len(parts) != parts[0]["world"]:
-        raise ValueError(f"{path!r} is not a complete {FORMAT} checkpoint: {len(parts)} of "
-                         f"{parts[0].get('world')} rank files, unknown format in {bad}")
+        raise FileNotFoundError(f"{path}: no stratopt sharded checkpoint here (expected rank*.pt "
+                                "files written by save_sharded); check the path")
+    for f in files:  # cheap checks of every file first: a bad one is named before GBs are read
+        problem = check_file(f)
+        if problem is not None:
+            raise unusable(f, problem)
+    parts = [safe_load.load(f) for f in files]
+    for f, part in zip(files, parts):
+        if not isinstance(part, dict) or part.get("format") != FORMAT:
+            raise CheckpointError(f"{f}: not a {FORMAT} file (written by save_sharded); "
+                                  "load_sharded reads only those")
+    worlds = {part["world"] for part in parts}
+    if len(worlds) > 1:
+        raise CheckpointError(f"{path}: rank files of saves at different world sizes {sorted(worlds)} "
+                              "are mixed; save into an empty directory")
+    world, ranks = worlds.pop(), [part["rank"] for part in parts]
+    if sorted(ranks) != list(range(world)):
+        missing = [f"rank{r:05d}.pt" for r in range(world) if r not in ranks]
+        raise CheckpointError(f"{path}: incomplete checkpoint, saved by {world} ranks but "
+                              f"{len(parts)} rank files found (missing: {', '.join(missing) or 'none'}); "
+                              "restore the missing files or save again")
     return parts
 
 
