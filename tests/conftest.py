@@ -42,3 +42,26 @@ def cpu_op():
     if module is None:
         pytest.fail(f"the native CPU op did not build: {builder.why_unavailable('cpu')}")
     return module
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slurm: needs a real Slurm cluster on this machine (the "
+                            "slurm_cluster fixture: root, slurm-wlm and munge); deselect with "
+                            "-m 'not slurm'")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real two-node Slurm cluster on this machine, started once (tests/slurm_cluster.py).
+    Skips where Slurm cannot run (not installed, not root); under CI=true it fails instead, since
+    .ci/run installs Slurm and a skip would hide that the tests never ran."""
+    from slurm_cluster import start_cluster
+
+    cluster, why = start_cluster()
+    if cluster is None:
+        if os.environ.get("CI", "").lower() in ("true", "1"):
+            pytest.fail(why, pytrace=False)
+        pytest.skip(why)
+    yield cluster
+    cluster.stop()
+    shutil.rmtree(cluster.root, ignore_errors=True)

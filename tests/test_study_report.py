@@ -90,7 +90,8 @@ def test_unfinished_sizes_show_as_pending(report):
     assert cell["n"] == 0 and cell["not_finished"] == 5 and cell["failed"] == 0
     assert "| optimizer | 134m | 500m | 1b |" in md and "– (0) [5 not finished]" in md
     assert data["plots"]["1b"] == {}
-    assert set(data["plots"]["134m"]) == {"val_curves", "final_loss", "grad_norm_heatmap", "alpha"}
+    assert set(data["plots"]["134m"]) == {"val_curves", "final_loss", "grad_norm_heatmap",
+                                          "layer_grad_norms", "alpha"}
     assert data["layer_norms"]["134m"]["adamw"]["largest_late"] == "lm_head"
 
 
@@ -100,3 +101,90 @@ def test_power_statement_median_of_an_even_count():
     p = power_statement(comparisons, Rules())
     assert (p["mdd_min"], p["mdd_median"], p["mdd_max"]) == (1.0, 2.5, 4.0)
     assert p["family_size"] == 5
+
+
+# ------------------------------------------------------------------------------------------------
+# Training time over every attempt, killed ones included
+
+CI_PLAN = ROOT / "stratopt_ds" / "study" / "plans" / "ci_tiny.yaml"  # tiny: adamw, stratopt x 2
+
+
+def attempt_run(run_dir: Path, attempts: list[tuple[str, str, int | None]], last_step: int,
+                summary: dict | None = None, per_step: float = 3.0) -> None:
+    """A run directory after some attempts: train.log with one header per attempt (time, kind,
+    the step its "resumed from" line names, None when the kill lost it), metrics.jsonl as the
+    last attempt left it (elapsed = per_step x step; an evaluation record every 5 steps adds 0.5)."""
+    run_dir.mkdir(parents=True)
+    log = []
+    for when, kind, step in attempts:
+        log.append(f"\n==== 2026-01-01T{when}+00:00 {kind}: python -m stratopt_ds.train --config x")
+        if step:
+            log.append(f"resumed from {run_dir}/checkpoints/step_{step} at step {step}")
+    (run_dir / "train.log").write_text("\n".join(log) + "\n")
+    with open(run_dir / "metrics.jsonl", "w") as f:
+        for step in range(1, last_step + 1):
+            f.write(json.dumps({"step": step, "loss": 3.0, "elapsed": per_step * step}) + "\n")
+            if step % 5 == 0:
+                f.write(json.dumps({"step": step, "val_loss": 3.0,
+                                    "elapsed": per_step * step + 0.5}) + "\n")
+    if summary is not None:
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+
+
+def event(run: str, seconds: float, finished: str, **extra) -> str:
+    return json.dumps({"run": run, "status": "ok", "seconds": seconds,
+                       "finished": f"2026-01-01T{finished}+00:00", **extra}) + "\n"
+
+
+def test_training_time_counts_killed_attempts(tmp_path):
+    from stratopt_ds.study.report import compute_time, killed_attempts_time
+    from stratopt_ds.study.results import load_study
+
+    shutil.copyfile(CI_PLAN, tmp_path / "plan.yaml")
+    ok = {"status": "ok", "steps": 20, "steps_done": 20, "val_loss": 3.0,
+          "val_losses": [[20, 3.0]], "layers": LAYERS}
+    # adamw/seed0: the first attempt was killed after its checkpoint at step 10; the resumed one
+    # finished (40 s by the runner's clock). The killed one trained up to the elapsed at step 10.
+    attempt_run(tmp_path / "tiny/adamw/seed0", [("10:00:00", "start", 0),
+                                                ("12:00:00", "resume", 10)], 20,
+                {**ok, "resumed_from": 10})
+    # adamw/seed1: one attempt, recorded.
+    attempt_run(tmp_path / "tiny/adamw/seed1", [("10:00:00", "start", 0)], 20, ok)
+    # stratopt/seed0: killed at step 7 and not resumed yet.
+    attempt_run(tmp_path / "tiny/stratopt/seed0", [("10:00:00", "start", 0)], 7)
+    # stratopt/seed1: killed, resumed and killed again (its resume line lost with its stdout),
+    # resumed at step 15 and finished: both killed attempts trained up to the elapsed at 15.
+    attempt_run(tmp_path / "tiny/stratopt/seed1", [("10:00:00", "start", 0),
+                                                   ("11:00:00", "resume", None),
+                                                   ("12:00:00", "resume", 15)], 20,
+                {**ok, "resumed_from": 15})
+    (tmp_path / "runs.jsonl").write_text(
+        event("tiny/adamw/seed0", 40.0, "12:00:40", resumed=True)
+        + event("tiny/adamw/seed1", 50.0, "10:00:50")
+        + event("tiny/stratopt/seed1", 20.0, "12:00:20", resumed=True))
+    study = load_study(tmp_path)
+    killed = {r.run.key: killed_attempts_time(r.directory, [
+        json.loads(x) for x in (tmp_path / "runs.jsonl").read_text().splitlines()
+        if json.loads(x)["run"] == r.run.key]) for r in study.results}
+    assert killed == {"tiny/adamw/seed0": 30.5, "tiny/adamw/seed1": 0.0,
+                      "tiny/stratopt/seed0": 21.0, "tiny/stratopt/seed1": 45.5}
+    assert compute_time(study) == pytest.approx(40 + 50 + 20 + 30.5 + 21 + 45.5)
+
+
+def test_training_time_of_other_kills(tmp_path):
+    from stratopt_ds.study.report import killed_attempts_time
+
+    # Killed before its first checkpoint, then started afresh: the killed work left no record.
+    fresh = tmp_path / "fresh"
+    attempt_run(fresh, [("10:00:00", "start", 0), ("11:00:00", "start", 0)], 20)
+    assert killed_attempts_time(fresh, [json.loads(event("r", 60.0, "11:01:00"))]) == 0.0
+    # The runner died and the run went on to its end: its summary's wall time, plus the killed
+    # attempt before it up to the step the last one resumed from.
+    orphan = tmp_path / "orphan"
+    attempt_run(orphan, [("10:00:00", "start", 0), ("11:00:00", "resume", 10)], 20,
+                {"status": "ok", "steps": 20, "val_loss": 3.0, "wall_time": 33.0,
+                 "resumed_from": 10})
+    assert killed_attempts_time(orphan, []) == pytest.approx(33.0 + 30.5)
+    # Every attempt recorded: nothing added.
+    assert killed_attempts_time(orphan, [json.loads(event("r", 1.0, "10:00:01")),
+                                         json.loads(event("r", 1.0, "11:00:01"))]) == 0.0

@@ -112,7 +112,7 @@ TAB_BLUE, TAB_RED, BLACK = (31, 119, 180), (214, 39, 40), (0, 0, 0)
 @pytest.mark.dist
 def test_plots_are_pngs_that_show_what_they_claim(study):
     out, plots = study["out"] / "report", study["report"]["plots"]["tiny"]
-    assert set(plots) == {"val_curves", "final_loss", "grad_norm_heatmap", "alpha"}
+    assert set(plots) == {"val_curves", "final_loss", "grad_norm_heatmap", "layer_grad_norms", "alpha"}
     for name in plots:
         assert f"]({plots[name]})" in study["md"]
         px = pixels(out / plots[name])

@@ -2,6 +2,9 @@
 
     python -m stratopt_ds.study check  PLAN [--list]          validate a plan, count its runs
     python -m stratopt_ds.study run    PLAN [--out DIR] [--jobs N] [--retry-failed]
+                                       [--executor slurm --partition P --nodes-per-run N ...]
+    python -m stratopt_ds.study status DIR                    each run's state, with slurm's
+    python -m stratopt_ds.study cancel DIR                    cancel the study's slurm jobs
     python -m stratopt_ds.study report DIR                    report.md / report.json / plots
 
 Exit codes: 0 done; 1 a study error, or runs that diverged or failed (``run`` lists each on
@@ -22,6 +25,32 @@ from .runner import Interrupted, StudyError, failed_runs, run_study
 EXIT_FAILED_RUNS = 1  # as a study error: a script that runs a study stops on either
 
 
+# --flag -> SlurmOptions field (dashes -> underscores), type, help
+SLURM_FLAGS = [
+    ("--partition", str, "slurm partition"), ("--account", str, "slurm account"),
+    ("--qos", str, "quality of service"), ("--time-min", int, "time limit of each job, minutes"),
+    ("--nodes-per-run", int, "nodes of each run's job (one DeepSpeed job across them)"),
+    ("--gpus-per-node", int, "GPUs per node (0: CPU nodes)"),
+    ("--ranks-per-node", int, "ranks per node (default: --gpus-per-node, else 1)"),
+    ("--cpus-per-task", int, "CPUs of each node's task"), ("--mem-gb", float, "memory per node, GB"),
+    ("--max-running", int, "the study's jobs running at once (the job array's %%limit)"),
+    ("--signal-delay-s", int, "time-limit warning, seconds before the end: checkpoint, requeue"),
+]
+
+
+def slurm_options(args: argparse.Namespace, plan):
+    """The plan's slurm: section, then the command line's options."""
+    from .slurm import SlurmOptions
+
+    given = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
+             for flag, _, _ in SLURM_FLAGS}
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.sbatch:
+        given["extra"] = [*plan.slurm.get("extra", []), *args.sbatch]
+    defaults = {k: v for k, v in plan.slurm.items() if k != "executor"}
+    return SlurmOptions(**{**defaults, **given})
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stratopt-study",
                                 description="Optimizer studies: plans, runs, statistics, report.")
@@ -38,6 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run failed/diverged runs again, with the same seeds")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     run.add_argument("--report", action="store_true", help="write the report when done")
+    run.add_argument("--executor", choices=("local", "slurm"), default=None,
+                     help="where runs train: here (default), or one slurm job each (submitit); "
+                          "the plan's slurm: section gives defaults for the options below")
+    slurm_opts = run.add_argument_group("slurm (with --executor slurm)")
+    for flag, kind, what in SLURM_FLAGS:
+        slurm_opts.add_argument(flag, type=kind, default=None, help=what)
+    slurm_opts.add_argument("--sbatch", action="append", default=None, metavar="--KEY=VALUE",
+                            help="one more sbatch option per use, e.g. --sbatch=--constraint=a100")
+    status = sub.add_parser("status", help="each run's state, merged with slurm's view")
+    status.add_argument("directory")
+    cancel = sub.add_parser("cancel", help="cancel the study's slurm jobs")
+    cancel.add_argument("directory")
     report = sub.add_parser("report", help="statistics, tables and plots of a study directory")
     report.add_argument("directory")
     report.add_argument("--plan", default=None, help="plan file (default: DIR/plan.yaml)")
@@ -59,8 +100,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.command == "run":
             plan = load_plan(args.plan)
             out = args.out or f"runs/study_{plan.name}"
+            executor = args.executor or ("slurm" if plan.slurm.get("executor") == "slurm" else "local")
             counts = run_study(args.plan, out, args.jobs, args.retry_failed,
-                               progress=not args.no_progress)
+                               progress=not args.no_progress,
+                               slurm_options=slurm_options(args, plan) if executor == "slurm" else None)
             print("runs: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v))
             if args.report:
                 print(f"report: {write_report(out)[0]}")
@@ -71,6 +114,15 @@ def main(argv: Optional[list[str]] = None) -> int:
                 print(f"error: {len(failed)} of {len(plan.runs())} runs diverged or failed (listed "
                       f"above; --retry-failed runs them again with the same seeds)", file=sys.stderr)
                 return EXIT_FAILED_RUNS
+            return 0
+        if args.command in ("status", "cancel"):
+            from .runner import cancel_study, study_status
+            if args.command == "cancel":
+                cancelled = cancel_study(args.directory)
+                print(f"cancelled {len(cancelled)} job(s){': ' + ' '.join(cancelled) if cancelled else ''}")
+                return 0
+            for key, state, job in study_status(args.directory):
+                print(f"{key:50s} {state:12s} {job or ''}")
             return 0
         md, js = write_report(args.directory, args.plan)
         print(f"report: {md}\n        {js}")

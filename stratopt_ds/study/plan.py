@@ -41,7 +41,7 @@ class PlanError(ValueError):
 TRAIN_OPTIONS = ("steps", "epochs", *(k for k in PLAN_OPTIONS if k != "steps"))
 STUDY_MINIMUMS = {"eval_batches": 1}
 TOP_KEYS = ("name", "description", "baseline", "seeds", "train", "sizes", "arms", "analysis",
-            "cleanup_checkpoints")
+            "cleanup_checkpoints", "slurm")
 SIZE_KEYS = ("preset", "deepspeed")
 ARM_KEYS = ("name", "optimizer", "opt_args")
 DEEPSPEED_KEYS = ("config", "num_gpus")
@@ -148,6 +148,7 @@ class Plan:
     arms: list[Arm]
     analysis: dict[str, float]
     cleanup_checkpoints: bool
+    slurm: dict[str, Any] = field(default_factory=dict)  # SlurmOptions fields, and executor: slurm
 
     def runs(self) -> list[Run]:
         """Every run, size-major then seed then arm: a partial study holds whole seed blocks."""
@@ -192,7 +193,8 @@ def parse_plan(raw: Any, where: str = "plan", check_files: bool = True) -> Plan:
                 baseline=baseline, seeds=_seeds(raw["seeds"]), sizes=sizes, arms=arms,
                 analysis=_analysis(raw.get("analysis") or {}),
                 cleanup_checkpoints=_bool(raw.get("cleanup_checkpoints", True),
-                                          "cleanup_checkpoints"))
+                                          "cleanup_checkpoints"),
+                slurm=_slurm(raw.get("slurm") or {}))
     seed, data_seed = plan.seeds[0]  # the checks do not depend on the seed
     for size in sizes:
         for arm in arms:
@@ -303,6 +305,27 @@ def _train_options(raw: Any, where: str) -> dict[str, Any]:
         if key == "data" and out[key] not in NAMED_SOURCES:
             out[key] = str(Path(out[key]).resolve())  # runs may be resumed from elsewhere
     return out
+
+
+def _slurm(raw: Any) -> dict[str, Any]:
+    """The plan's slurm defaults: SlurmOptions fields (and ``executor: slurm``), type-checked."""
+    import dataclasses
+
+    from .slurm import SlurmOptions
+
+    if not isinstance(raw, dict):
+        raise PlanError(f"slurm: expected a mapping of slurm options, got {_kind(raw)}")
+    fields = {f.name: f for f in dataclasses.fields(SlurmOptions)}
+    _check_keys(raw, ("executor", *fields), "slurm")
+    if raw.get("executor", "slurm") not in ("slurm", "local"):
+        raise PlanError(f"slurm.executor: expected slurm or local, got {raw['executor']!r}")
+    for key, value in raw.items():
+        kind = {"int": int, "float": (int, float), "str": str, "Optional[int]": int,
+                "Optional[float]": (int, float), "Optional[str]": str,
+                "list[str]": list}.get(str(fields[key].type)) if key in fields else None
+        if kind is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+            raise PlanError(f"slurm.{key}: expected {str(fields[key].type)}, got {value!r}")
+    return dict(raw)
 
 
 def _seeds(raw: Any) -> list[tuple[int, int]]:

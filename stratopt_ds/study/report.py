@@ -6,14 +6,17 @@ re-made at any time, also for a study that is still running: missing runs show a
 from __future__ import annotations
 
 import json
+import re
 import statistics
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
 from . import plots
 from .layers import LayerProfile, layer_profile
-from .results import EVENTS_FILE, FAILURES, INTERRUPTED, PENDING, Study, load_study
+from .results import (EVENTS_FILE, FAILURES, INTERRUPTED, LOG_FILE, PENDING, Study, finite,
+                      load_study)
 from .stats import (Comparison, Rules, clean, compare_all, describe, factorial_anova,
                     residual_normality)
 
@@ -61,7 +64,7 @@ def build_report(study: Study, out: Path) -> dict[str, Any]:
         report["factorial"][size] = factorial_anova(factorial_rows(study, size))
         profiles = {arm: p for arm in arms if (p := layer_profile(study.select(size, arm)))}
         report["layer_norms"][size] = {arm: layer_summary(p) for arm, p in profiles.items()}
-        report["plots"][size] = make_plots(study, size, profiles, out)
+        report["plots"][size] = make_plots(study, size, profiles, out, comparisons)
     return report
 
 
@@ -81,12 +84,157 @@ def run_counts(study: Study) -> dict[str, int]:
 
 
 def compute_time(study: Study) -> float:
-    """Seconds of training summed over every attempt of every run (failed ones included)."""
+    """Seconds of training summed over every attempt of every run: failed and killed ones too.
+
+    An attempt that ended under the runner's eye (finished, diverged, crashed) left an event in
+    ``runs.jsonl`` with its wall seconds. An attempt that was killed (the runner stopped it on
+    Ctrl-C / SIGTERM, or the runner itself died) left none, only its header in ``train.log``
+    (``==== <time> start:`` / ``resume:``): :func:`killed_attempts_time` derives its time from
+    the ``elapsed`` of ``metrics.jsonl``.
+    """
+    events: dict[str, list[dict]] = {}
     path = study.directory / EVENTS_FILE
-    if not path.is_file():
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+            events.setdefault(event.get("run", ""), []).append(event)
+    total = sum(float(e.get("seconds") or 0.0) for run_events in events.values()
+                for e in run_events)
+    for r in study.results:
+        total += killed_attempts_time(r.directory, events.get(r.run.key, []))
+    return float(total)
+
+
+ATTEMPT_HEADER = re.compile(r"^==== (\S+) (start|resume): ")
+RESUMED_AT = re.compile(r"^resumed from .* at step (\d+)\s*$")
+
+
+@dataclass
+class Attempt:
+    started: Optional[datetime]     # from the header; None if unreadable
+    resumed: bool
+    resume_step: Optional[int]      # "resumed from ... at step N" (lost when the attempt was
+                                    # killed before its buffered stdout was written); 0 at start
+    event: bool = False             # the runner recorded its end in runs.jsonl
+
+
+def attempts_of(run_dir: Path, run_events: list[dict]) -> list[Attempt]:
+    """The attempts of a run from its ``train.log``, each marked with whether an event of
+    ``runs.jsonl`` belongs to it: the attempt whose header time is the last one at or before the
+    event's start (``finished - seconds``, both to the second)."""
+    attempts: list[Attempt] = []
+    log = Path(run_dir) / LOG_FILE
+    if log.is_file():
+        for line in log.read_text(errors="replace").splitlines():
+            header = ATTEMPT_HEADER.match(line)
+            if header:
+                resumed = header.group(2) == "resume"
+                attempts.append(Attempt(parse_time(header.group(1)), resumed,
+                                        None if resumed else 0))
+            elif attempts and (at := RESUMED_AT.match(line.strip())) and attempts[-1].resumed:
+                attempts[-1].resume_step = int(at.group(1))
+    if len(run_events) >= len(attempts):  # every attempt has its event (or no log to match)
+        for attempt in attempts:
+            attempt.event = True
+        return attempts
+    for event in run_events:
+        finished = parse_time(event.get("finished"))
+        if finished is None or not attempts:
+            continue
+        start = finished.timestamp() - float(event.get("seconds") or 0.0) + 2.0  # rounding
+        owners = [a for a in attempts if a.started is None or a.started.timestamp() <= start]
+        if owners:
+            owners[-1].event = True
+    return attempts
+
+
+def killed_attempts_time(run_dir: Path, run_events: list[dict]) -> float:
+    """Training seconds of a run's attempts that have no event in ``runs.jsonl`` (killed).
+
+    train.py's ``elapsed`` (in every ``metrics.jsonl`` record) is the training time of the run
+    so far, carried across attempts through the checkpoint: an attempt resumed at step N starts
+    at the ``elapsed`` its checkpoint recorded, which is the ``elapsed`` of the records at step
+    N (they are kept; the records after N, the work of a killed attempt that the resume repeats,
+    are dropped). So the time a killed attempt contributed is the ``elapsed`` at the step the
+    next attempt resumed from minus the ``elapsed`` at its own resume step; for the last attempt
+    (the run is still interrupted) the last ``elapsed`` logged minus its own. A run of killed
+    attempts whose inner resume steps are unknown counts as one (the differences add up).
+
+    Chosen over the alternatives because it is what survives every kind of kill: an attempt
+    killed by SIGKILL or SIGTERM writes no event and loses its buffered stdout, but its
+    metrics records are flushed one by one; train.log's header times give only when an attempt
+    started, not when it died (the next header can come hours later); checkpoints hold the same
+    ``elapsed`` but are pruned and, once a run succeeds, deleted. It is a lower bound: the
+    start-up of a killed attempt (data, model) and the steps it did after its last checkpoint
+    are not in any ``elapsed`` that survives a resume, and a killed attempt that resumed after
+    a failed one, with its resume line lost, counts 0. A killed last attempt that still wrote
+    ``summary.json`` (its runner died, the run went on) counts the summary's ``wall_time``.
+    """
+    attempts = attempts_of(run_dir, run_events)
+    if not attempts or all(a.event for a in attempts):
         return 0.0
-    return float(sum(json.loads(line).get("seconds", 0.0)
-                     for line in path.read_text().splitlines() if line.strip()))
+    from ..metrics import read_records
+    from ..summary import RunSummary
+
+    metrics = Path(run_dir) / "metrics.jsonl"
+    records = read_records(metrics) if metrics.is_file() else []
+    elapsed = [(int(r["step"]), float(r["elapsed"])) for r in records
+               if finite(r.get("elapsed")) and isinstance(r.get("step"), int)]
+
+    def elapsed_at(step: Optional[int]) -> Optional[float]:
+        if step is None:
+            return None
+        before = [e for s, e in elapsed if s <= step]
+        return max(before) if before else 0.0
+
+    last = attempts[-1]
+    summary = RunSummary.read(Path(run_dir) / "summary.json")  # written by the last attempt
+    if summary is not None and last.resume_step is None and summary.resumed_from:
+        last.resume_step = int(summary.resumed_from)
+    if not last.event:
+        if summary is not None and finite(summary.wall_time) and summary.wall_time > 0:
+            # The last attempt ran to its end without the runner: its own wall time, exactly.
+            return float(summary.wall_time) + killed_attempts_time_before(
+                attempts, elapsed_at, len(attempts) - 1)
+    end = max((e for _, e in elapsed), default=0.0)
+    return killed_attempts_time_before(attempts, elapsed_at, len(attempts), end)
+
+
+def killed_attempts_time_before(attempts: list[Attempt], elapsed_at, stop: int,
+                                end: Optional[float] = None) -> float:
+    """The killed attempts among ``attempts[:stop]``: each group of consecutive killed attempts
+    counts from the ``elapsed`` at its first resume step to the ``elapsed`` at the resume step of
+    the attempt after it (``end`` when the group runs to ``stop == len(attempts)``)."""
+    total, k = 0.0, 0
+    while k < stop:
+        if attempts[k].event:
+            k += 1
+            continue
+        first = k
+        while k < stop and not attempts[k].event:
+            k += 1
+        begin = elapsed_at(attempts[first].resume_step)
+        if begin is None:
+            continue  # resumed after a failed attempt from a step no file names: counted as 0
+        if k < len(attempts):
+            finish = elapsed_at(attempts[k].resume_step)
+            if attempts[k].resume_step == 0:
+                finish = None  # started afresh: what the killed attempts logged was discarded
+        else:
+            finish = end
+        if finish is not None:
+            total += max(0.0, finish - begin)
+    return total
+
+
+def parse_time(text: Any) -> Optional[datetime]:
+    try:
+        return datetime.fromisoformat(str(text))
+    except ValueError:
+        return None
 
 
 def power_statement(comparisons: list[Comparison], rules: Rules) -> dict[str, Any]:
@@ -120,13 +268,16 @@ def layer_summary(p: LayerProfile) -> dict[str, Any]:
             "smallest_late": smallest}
 
 
-def make_plots(study: Study, size: str, profiles: dict[str, LayerProfile],
-               out: Path) -> dict[str, str]:
+def make_plots(study: Study, size: str, profiles: dict[str, LayerProfile], out: Path,
+               comparisons: list[Comparison]) -> dict[str, str]:
     figures = {
         "val_curves": plots.val_curves(study, size, out / "plots" / f"val_curves_{size}.png"),
-        "final_loss": plots.final_strip(study, size, out / "plots" / f"final_loss_{size}.png"),
+        "final_loss": plots.final_strip(study, size, out / "plots" / f"final_loss_{size}.png",
+                                        comparisons),
         "grad_norm_heatmap": plots.grad_norm_heatmap(
             profiles, size, out / "plots" / f"grad_norm_heatmap_{size}.png"),
+        "layer_grad_norms": plots.layer_grad_norms(
+            profiles, size, out / "plots" / f"layer_grad_norms_{size}.png"),
         "alpha": plots.alpha_distribution(profiles, size, out / "plots" / f"alpha_{size}.png"),
     }
     return {name: str(path.relative_to(out)) for name, path in figures.items() if path}
@@ -152,8 +303,9 @@ def render_markdown(report: dict[str, Any]) -> str:
              f"- runs: {sum(counts.values())} planned; "
              + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())),
              f"- wall time of the study: {report['wall_time_s'] / 60:.1f} min over "
-             f"{len(report['sessions'])} runner invocation(s); training time summed over runs: "
-             f"{report['compute_time_s'] / 60:.1f} min",
+             f"{len(report['sessions'])} runner invocation(s); training time summed over every "
+             f"attempt of every run: {report['compute_time_s'] / 60:.1f} min (killed attempts "
+             f"from their logged elapsed time, a lower bound)",
              f"- seeds (init, data): {', '.join(f'({a}, {b})' for a, b in report['seeds'])}", ""]
     lines += ["## Final validation loss", "",
               "Mean ± sample SD over seeds (n successful runs); failed runs are not in the "
@@ -233,7 +385,10 @@ def layer_section(report: dict) -> list[str]:
     lines = ["", "## Layer-wise gradient norms", "",
              "Spread = log2(max/min) of the per-layer gradient norms at a step, averaged over the "
              "first / last 10% of the steps and over seeds (1.0 = the largest layer gradient is "
-             "twice the smallest). The heatmaps show each layer's norm over the median layer.", ""]
+             "twice the smallest). Norms are the optimizer's per-layer gradient norms before "
+             "clipping. The heatmaps show each layer's norm over the median layer at each step, "
+             "layers by depth (embedding at the top); the line plots show each layer's norm "
+             "itself, coloured by depth.", ""]
     rows = [[size, arm, str(s["runs"]), fmt(s["spread_early_log2"], ".2f"),
              fmt(s["spread_late_log2"], ".2f"), s["largest_late"], s["smallest_late"]]
             for size in report["sizes"] for arm, s in report["layer_norms"][size].items()]

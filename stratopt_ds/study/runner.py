@@ -34,6 +34,7 @@ from typing import Any, Optional
 from tqdm import tqdm
 
 from ..summary import RunSummary
+from . import slurm
 from .plan import Plan, Run, data_request, deepspeed_config, load_plan, steps_of_epochs
 from .results import (DIVERGED, EVENTS_FILE, FAILED, FAILURES, INTERRUPTED, LOG_FILE, OK, PENDING,
                       PID_FILE, PLAN_COPY, SPEC_FILE, STATUS_FILE, STUDY_FILE, RunState, read_json,
@@ -53,18 +54,23 @@ def now() -> str:
 
 
 def run_study(plan_path: str | Path, out: str | Path, jobs: int = 1, retry_failed: bool = False,
-              progress: bool = True) -> dict[str, int]:
-    """Run what is left of the plan's runs; return the count of runs per final state."""
+              progress: bool = True,
+              slurm_options: Optional["slurm.SlurmOptions"] = None) -> dict[str, int]:
+    """Run what is left of the plan's runs, here or as slurm jobs (``slurm_options``); return
+    the count of runs per final state."""
     plan = load_plan(plan_path)
-    out = Path(out)
+    out = Path(out).resolve()  # slurm jobs run elsewhere: every path they get is absolute
     if jobs < 1:
         raise StudyError(f"--jobs must be >= 1, got {jobs}")
-    if jobs > 1 and any(size.deepspeed for size in plan.sizes):
+    if slurm_options is not None and (missing := slurm.slurm_available()):
+        raise StudyError(f"--executor slurm: {missing}")
+    if slurm_options is None and jobs > 1 and any(size.deepspeed for size in plan.sizes):
         raise StudyError(f"--jobs {jobs}: this plan launches deepspeed on all GPUs of the machine; "
                          f"run its jobs one at a time (--jobs 1)")
     out.mkdir(parents=True, exist_ok=True)
     with study_lock(out):
-        return StudyRunner(plan, Path(plan_path), out, jobs, retry_failed, progress).run()
+        return StudyRunner(plan, Path(plan_path), out, jobs, retry_failed, progress,
+                           slurm_options).run()
 
 
 @contextlib.contextmanager
@@ -79,9 +85,12 @@ def study_lock(out: Path):
 
 
 class StudyRunner:
+    poll_seconds = 2.0  # how often slurm is asked about the study's jobs
+
     def __init__(self, plan: Plan, plan_file: Path, out: Path, jobs: int, retry_failed: bool,
-                 progress: bool):
+                 progress: bool, slurm_options: Optional["slurm.SlurmOptions"] = None):
         self.plan, self.plan_file, self.out, self.jobs = plan, plan_file, out, jobs
+        self.slurm = slurm_options  # None: runs here, as subprocesses
         self.retry_failed, self.progress = retry_failed, progress
         self.stopping = threading.Event()
         self.active: dict[str, subprocess.Popen] = {}
@@ -106,7 +115,10 @@ class StudyRunner:
         started = time.time()
         session = {"started": now(), "runs_to_do": len(todo)}
         try:
-            self.execute(todo, done=len(runs) - len(todo))
+            if self.slurm is not None:
+                self.execute_slurm(todo, done=len(runs) - len(todo))
+            else:
+                self.execute(todo, done=len(runs) - len(todo))
         finally:
             session.update(ended=now(), seconds=time.time() - started,
                            interrupted=self.stopping.is_set())
@@ -232,9 +244,14 @@ class StudyRunner:
         (run_dir / PID_FILE).unlink(missing_ok=True)
         if self.stopping.is_set():
             return None
-        state = self.outcome(run_dir, returncode)
-        record = {"run": run.key, "status": state.status, "reason": state.reason,
-                  "returncode": returncode, "resumed": resume, "seconds": time.time() - started,
+        return self.record(run, self.outcome(run_dir, returncode),
+                           {"returncode": returncode, "resumed": resume,
+                            "seconds": time.time() - started})
+
+    def record(self, run: Run, state: RunState, details: dict[str, Any]) -> RunState:
+        """The attempt's outcome: <run>/status.json, a line of runs.jsonl, checkpoints cleaned."""
+        run_dir = run.directory(self.out)
+        record = {"run": run.key, "status": state.status, "reason": state.reason, **details,
                   "finished": now()}
         (run_dir / STATUS_FILE).write_text(json.dumps(record, indent=1) + "\n")
         with self.lock, open(self.out / EVENTS_FILE, "a") as events:
@@ -244,15 +261,66 @@ class StudyRunner:
         return state
 
     @staticmethod
-    def outcome(run_dir: Path, returncode: int) -> RunState:
-        """train.py's own verdict when it wrote one; otherwise the exit code and the log's end."""
+    def outcome(run_dir: Path, returncode: int, why: Optional[str] = None) -> RunState:
+        """train.py's own verdict when it wrote one; otherwise ``why`` (slurm's state and reason)
+        or the exit code, and the log's end."""
         state = run_state(run_dir)
         if state.status == DIVERGED:
             return RunState(DIVERGED, divergence_reason(RunSummary.read(run_dir / "summary.json") or RunSummary()))
         if state.status in (OK, FAILED):
             return state
-        return RunState(FAILED, f"exit code {returncode}, no summary.json; log: "
-                                f"{last_line(run_dir / LOG_FILE)}")
+        log = run_dir / LOG_FILE
+        if why is not None:
+            log = Path((slurm.read_record(run_dir) or {}).get("log", log))
+        return RunState(FAILED, f"{why or f'exit code {returncode}'}, no summary.json; log: "
+                                f"{last_line(log, prefer='stratopt-train: error:')}")
+
+    # -- slurm -----------------------------------------------------------------------------------
+
+    def execute_slurm(self, todo: list[Run], done: int) -> None:
+        """Submit what is not queued yet as one job array, then follow every job to its end.
+        A run whose job an earlier invocation submitted and slurm still holds is never
+        submitted again; an interrupted runner leaves the jobs running (study cancel stops them)."""
+        waiting, to_submit = {}, []
+        for run in todo:
+            run_dir = run.directory(self.out)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            job = slurm.last_job(run_dir)
+            if slurm.is_active(job):
+                waiting[run.key] = (run, job)
+                continue
+            spec = self.specs[run.key]
+            (run_dir / SPEC_FILE).write_text(json.dumps(spec, indent=1) + "\n")
+            to_submit.append((run, self.write_config(run, run_dir, spec["steps"], resume=False)))
+        if to_submit:
+            ids = slurm.submit(self.slurm, self.plan.name,
+                               [(run.key, path, run.directory(self.out), run.deepspeed is not None)
+                                for run, path in to_submit])
+            waiting.update({run.key: (run, job) for (run, _), job in zip(to_submit, ids)})
+            print(f"submitted {len(ids)} job(s): {ids[0]}{' ...' if len(ids) > 1 else ''}",
+                  file=sys.stderr)
+        bar = tqdm(total=done + len(todo), initial=done, desc=f"study {self.plan.name} (slurm)",
+                   unit="run", disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
+        started = time.time()
+        try:
+            while waiting:
+                for key, (run, job) in list(waiting.items()):
+                    info = slurm.job_state(job)
+                    if info["JobState"] in slurm.ACTIVE:
+                        continue
+                    code = int(info.get("ExitCode", "0:0").split(":")[0] or 0)
+                    why = f"slurm job {job} {info['JobState']} (reason {info.get('Reason', '?')}, exit {info.get('ExitCode', '?')})"
+                    state = self.outcome(run.directory(self.out), code, why)
+                    self.record(run, state, {"job": job, "slurm_state": info["JobState"],
+                                             "slurm_reason": info.get("Reason"),
+                                             "seconds": time.time() - started})
+                    if state.status in FAILURES:
+                        bar.write(f"FAILED {key}: {state.status}: {state.reason}")
+                    bar.update(1)
+                    del waiting[key]
+                time.sleep(self.poll_seconds if waiting else 0)
+        finally:
+            bar.close()
 
     # -- commands --------------------------------------------------------------------------------
 
@@ -263,8 +331,8 @@ class StudyRunner:
                 "train_config": run.train_config(steps).to_dict(),
                 "deepspeed": run.deepspeed and vars(run.deepspeed)}
 
-    def command(self, run: Run, run_dir: Path, steps: int, resume: bool) -> list[str]:
-        """Write the run's TrainConfig for this attempt; the command that trains it."""
+    def write_config(self, run: Run, run_dir: Path, steps: int, resume: bool) -> Path:
+        """The run's TrainConfig for this attempt, as <run>/train_config.json."""
         config = run.train_config(steps).replace(out=str(run_dir), resume=resume, progress=False)
         if "save_every" not in run.train:  # resumable by default: ~10 checkpoints per run
             config = config.replace(save_every=max(1, math.ceil(steps / 10)))
@@ -272,6 +340,11 @@ class StudyRunner:
             config = config.replace(deepspeed_config=str(write_deepspeed_config(run, run_dir)))
         path = run_dir / "train_config.json"
         config.write(path)
+        return path
+
+    def command(self, run: Run, run_dir: Path, steps: int, resume: bool) -> list[str]:
+        """Write the run's TrainConfig for this attempt; the command that trains it here."""
+        path = self.write_config(run, run_dir, steps, resume)
         if run.deepspeed is None:
             return [sys.executable, "-m", "stratopt_ds.train", "--config", str(path)]
         launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
@@ -311,6 +384,32 @@ def failed_runs(plan: Plan, out: str | Path) -> list[tuple[str, RunState]]:
     return [(key, state) for key, state in states if state.status in FAILURES]
 
 
+def _plan_of(directory: str | Path) -> Plan:
+    path = Path(directory) / PLAN_COPY
+    if not path.is_file():
+        raise StudyError(f"{directory} is not a study directory (no {PLAN_COPY})")
+    return load_plan(path, check_files=False)
+
+
+def study_status(directory: str | Path) -> list[tuple[str, str, Optional[str]]]:
+    """(run, state, slurm job) of every run: slurm's state (PENDING, RUNNING, REQUEUED, ...)
+    while it holds the run's job, else the run directory's (ok, diverged, failed, ...)."""
+    out = []
+    for run in _plan_of(directory).runs():
+        run_dir = run.directory(Path(directory))
+        job = slurm.last_job(run_dir)
+        live = slurm.job_state(job)["JobState"] if job else None
+        out.append((run.key, live if live in slurm.ACTIVE else run_state(run_dir).status, job))
+    return out
+
+
+def cancel_study(directory: str | Path) -> list[str]:
+    """Cancel every job of the study that slurm still holds; return their ids."""
+    jobs = [job for _, state, job in study_status(directory) if job and state in slurm.ACTIVE]
+    slurm.cancel(jobs)
+    return jobs
+
+
 def raise_interrupted(signum, frame) -> None:
     raise Interrupted()
 
@@ -336,10 +435,13 @@ def divergence_reason(summary: RunSummary) -> str:
     return f"diverged: final validation loss {summary.val_loss} is not finite"
 
 
-def last_line(path: Path) -> str:
+def last_line(path: Path, prefer: Optional[str] = None) -> str:
+    """The log's last line (its last line starting with ``prefer``, when there is one: a
+    training error under a launcher's or submitit's traceback)."""
     try:
         lines = [line.strip() for line in Path(path).read_text(errors="replace").splitlines()]
     except FileNotFoundError:
         return "(no log)"
     lines = [line for line in lines if line and not line.startswith("====")]
-    return lines[-1][:300] if lines else "(empty log)"
+    preferred = [line for line in lines if prefer and line.startswith(prefer)]
+    return (preferred or lines or ["(empty log)"])[-1][:300]

@@ -1,0 +1,185 @@
+"""Study runs as slurm jobs, submitted through submitit.
+
+Each run is one job: ``nodes_per_run`` nodes, one task per node. Every task (a submitit
+:class:`TrainJob`) starts its node's ranks with the DeepSpeed launcher, the rendezvous on the
+first node of the allocation, the same way ``launch/multi_node_no_ssh.sh`` does for
+``launch/slurm.sbatch`` (``--no_ssh`` with a hostfile of placeholder names that only counts the
+nodes; node K gets global ranks K*G..K*G+G-1). A run without a DeepSpeed config on one node is
+a plain ``python -m stratopt_ds.train``. What runs is the run's ``train_config.json``, exactly as
+the local executor runs it, so both give the same losses.
+
+Requeue: a job resumes from its newest checkpoint whenever it (re)starts, so a job that slurm
+requeues (``scontrol requeue``, preemption) or that submitit requeues on the time-limit warning
+(``--signal``, handled by :meth:`TrainJob.checkpoint`) goes on where its last checkpoint left it.
+
+The job ids live in ``<run>/slurm.json``; ``study status`` and ``study cancel`` read them, and a
+new ``study run`` never submits a run whose job is still pending or running.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+JOB_FILE = "slurm.json"
+ACTIVE = ("PENDING", "CONFIGURING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+          "RESIZING", "SUSPENDED", "COMPLETING", "STAGE_OUT", "SIGNALING", "RESV_DEL_HOLD")
+
+
+@dataclass
+class SlurmOptions:
+    """What each run's job asks slurm for (``study run --executor slurm``, or a plan's ``slurm:``)."""
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    time_min: int = 24 * 60                 # the job's time limit
+    nodes_per_run: int = 1
+    gpus_per_node: int = 0                  # GPUs (ranks) per node; 0: CPU nodes
+    ranks_per_node: Optional[int] = None    # default: gpus_per_node, else 1
+    cpus_per_task: Optional[int] = None
+    mem_gb: Optional[float] = None
+    max_running: int = 64                   # jobs of this study running at once (a dependency chain limit)
+    signal_delay_s: int = 120               # the time-limit warning: checkpoint and requeue
+    extra: list[str] = field(default_factory=list)   # more sbatch options, "--key=value"
+
+    @property
+    def ranks(self) -> int:
+        return self.ranks_per_node or self.gpus_per_node or 1
+
+    def submitit_parameters(self) -> dict[str, Any]:
+        extra = {}
+        for item in self.extra:
+            key, _, value = item.lstrip("-").partition("=")
+            extra[key] = value if value else True
+        params = {"slurm_partition": self.partition, "slurm_account": self.account,
+                  "slurm_qos": self.qos, "timeout_min": self.time_min, "nodes": self.nodes_per_run,
+                  "tasks_per_node": 1, "cpus_per_task": self.cpus_per_task,
+                  "gpus_per_node": self.gpus_per_node or None, "mem_gb": self.mem_gb,
+                  "slurm_signal_delay_s": self.signal_delay_s,
+                  "slurm_additional_parameters": extra or None}
+        return {k: v for k, v in params.items() if v is not None}
+
+
+class TrainJob:
+    """Runs on every task of a run's job (one task per node); submitit pickles it."""
+
+    def __init__(self, ranks_per_node: int):
+        self.ranks_per_node = ranks_per_node
+
+    def __call__(self, config_path: str, run_dir: str, deepspeed: bool) -> int:
+        import submitit
+
+        from ..resume import has_checkpoint
+
+        env = submitit.JobEnvironment()
+        resume = ["--resume"] if has_checkpoint(Path(run_dir) / "checkpoints") else []
+        if not deepspeed and env.num_nodes == 1 and self.ranks_per_node == 1:
+            return _run([sys.executable, "-m", "stratopt_ds.train", "--config", config_path, *resume])
+        # one port per job (jobs may share a node); SLURM_JOB_ID is unique per array task too
+        port = str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000)
+        with tempfile.NamedTemporaryFile("w", prefix="stratopt-hosts.", suffix=".txt") as hosts:
+            hosts.write("".join(f"node{i} slots={self.ranks_per_node}\n" for i in range(env.num_nodes)))
+            hosts.flush()
+            return _run([deepspeed_launcher(), "--hostfile", hosts.name, "--no_ssh",
+                         "--node_rank", str(env.node), "--num_nodes", str(env.num_nodes),
+                         "--num_gpus", str(self.ranks_per_node), "--master_addr", node_address(env.hostnames[0]),
+                         "--master_port", port, "--module", "stratopt_ds.train",
+                         "--config", config_path, *resume])
+
+    def checkpoint(self, *args: Any, **kwargs: Any):
+        """The time-limit warning: requeue; the next start resumes from the newest checkpoint."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+def _run(command: list[str]) -> int:
+    rc = subprocess.call(command)
+    if rc != 0:  # a failed run fails its job: slurm records FAILED, with the exit code
+        raise RuntimeError(f"{' '.join(command)} exited with {rc}")
+    return rc
+
+
+def node_address(node: str) -> str:
+    """The address of slurm node ``node`` (its NodeAddr): node names need not resolve."""
+    proc = subprocess.run(["scontrol", "show", "node", "-o", node], capture_output=True, text=True)
+    for item in proc.stdout.split():
+        if item.startswith("NodeAddr="):
+            return item.split("=", 1)[1] or node
+    return node
+
+
+def deepspeed_launcher() -> str:
+    return shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+
+
+def submit(options: SlurmOptions, name: str, runs: list[tuple[str, Path, Path, bool]]) -> list[str]:
+    """Submit runs ``(key, train_config.json, run directory, deepspeed?)`` as one job array of at
+    most ``max_running`` tasks at once; record each job id in its run directory; return them."""
+    import submitit
+
+    folder = runs[0][2].parents[2] / "slurm" / "%j"  # <study>/slurm/<array>_<task>
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+    executor.update_parameters(name=f"stratopt:{name}", slurm_array_parallelism=options.max_running,
+                               **options.submitit_parameters())
+    jobs = executor.map_array(TrainJob(options.ranks), [str(c) for _, c, _, _ in runs],
+                              [str(d) for _, _, d, _ in runs], [ds for *_, ds in runs])
+    for (key, _, run_dir, _), job in zip(runs, jobs):
+        record = read_record(run_dir) or {"jobs": []}
+        record["jobs"].append(job.job_id)
+        record["options"] = asdict(options)
+        record["log"] = str(job.paths.stderr)  # the run's stderr: its errors and tracebacks
+        (run_dir / JOB_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    return [job.job_id for job in jobs]
+
+
+def read_record(run_dir: Path) -> Optional[dict[str, Any]]:
+    try:
+        return json.loads((Path(run_dir) / JOB_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def last_job(run_dir: Path) -> Optional[str]:
+    record = read_record(run_dir)
+    return record["jobs"][-1] if record and record.get("jobs") else None
+
+
+def job_state(job_id: str) -> dict[str, str]:
+    """``JobState``, ``Reason``, ``ExitCode`` (and the rest) as ``scontrol show job`` gives them;
+    ``{"JobState": "UNKNOWN"}`` once slurm has forgotten the job (after MinJobAge)."""
+    proc = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0 or not proc.stdout.strip():
+        return {"JobState": "UNKNOWN"}
+    fields = {}
+    for item in proc.stdout.split():
+        key, _, value = item.partition("=")
+        fields.setdefault(key, value)
+    return fields
+
+
+def is_active(job_id: Optional[str]) -> bool:
+    return job_id is not None and job_state(job_id)["JobState"] in ACTIVE
+
+
+def cancel(job_ids: list[str]) -> None:
+    if job_ids:
+        subprocess.run(["scancel", *job_ids], check=False)
+
+
+def slurm_available() -> Optional[str]:
+    """None when sbatch, scontrol and scancel are on PATH; else what is missing."""
+    missing = [tool for tool in ("sbatch", "scontrol", "scancel") if shutil.which(tool) is None]
+    if missing:
+        return f"{', '.join(missing)} not found on PATH: run on a slurm login node"
+    if importlib.util.find_spec("submitit") is None:
+        return "submitit is not installed: pip install 'stratopt-ds[study]'"
+    return None
