@@ -132,3 +132,27 @@ def test_two_nodes_one_rank_each_are_one_deepspeed_job(on_cluster, tmp_path):
     assert b["losses"] == a["losses"] and b["val_losses"] == a["val_losses"]
     job = read_json(remote / "tiny" / "stratopt" / "seed0" / JOB_FILE)["jobs"][0]
     assert job_state(job)["NodeList"] in ("n[1-2]", "n1,n2")
+
+
+def test_cancel_stops_the_studys_jobs(on_cluster, tmp_path):
+    """`study cancel` scancels the jobs slurm still holds; like a run the local runner stops, a
+    cancelled run is no failure: the next `study run` resumes it."""
+    plan = plan_file(tmp_path, "cancel", seeds=[0], baseline="stratopt",
+                     arms=[{"name": "stratopt", "optimizer": "stratopt", "steps": 5000,
+                            "save_every": 2}])
+    out = tmp_path / "out"
+    done = {}
+    runner = threading.Thread(target=lambda: done.update(run_study(
+        plan, out, progress=False, slurm_options=options())))
+    runner.start()
+    run_dir = out / "tiny" / "stratopt" / "seed0"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (run_dir / "checkpoints" / "latest").is_file():
+        time.sleep(0.2)
+    assert [state for _, state, _ in study_status(out)] == ["RUNNING"]
+    assert study_main(["cancel", str(out)]) == 0
+    runner.join(timeout=60)
+    assert not runner.is_alive() and done["interrupted"] == 1 and done["failed"] == 0
+    job = read_json(run_dir / JOB_FILE)["jobs"][-1]
+    assert job_state(job)["JobState"] == "CANCELLED"
+    assert [state for _, state, _ in study_status(out)] == ["interrupted"]

@@ -308,6 +308,10 @@ class StudyRunner:
                     info = slurm.job_state(job)
                     if info["JobState"] in slurm.ACTIVE:
                         continue
+                    if info["JobState"] == "CANCELLED":  # study cancel / scancel: not a failure,
+                        bar.write(f"cancelled {key} (job {job}): it resumes on the next run")
+                        del waiting[key]  # like a run the local runner stops itself
+                        continue
                     code = int(info.get("ExitCode", "0:0").split(":")[0] or 0)
                     why = f"slurm job {job} {info['JobState']} (reason {info.get('Reason', '?')}, exit {info.get('ExitCode', '?')})"
                     state = self.outcome(run.directory(self.out), code, why)
