@@ -52,6 +52,15 @@ def options(**kwargs) -> SlurmOptions:
     return SlurmOptions(partition="debug", cpus_per_task=1, time_min=10, **kwargs)
 
 
+def study_in_background(plan: Path, out: Path) -> tuple[threading.Thread, dict]:
+    """`study run --executor slurm` in a thread; the dict gets its counts when it returns."""
+    done: dict = {}
+    runner = threading.Thread(target=lambda: done.update(run_study(
+        plan, out, progress=False, slurm_options=options())))
+    runner.start()
+    return runner, done
+
+
 def test_ci_tiny_through_slurm_equals_the_local_executor(on_cluster, tmp_path, capsys):
     local, remote = tmp_path / "local", tmp_path / "slurm"
     assert run_study(CI_PLAN, local, jobs=2, progress=False)["ok"] == 4
@@ -84,10 +93,7 @@ def test_a_requeued_job_resumes_and_a_failing_arm_is_recorded(on_cluster, tmp_pa
                         arms=[{"name": "stratopt", "optimizer": "stratopt", "steps": 40,
                                "save_every": 5}]), reference, progress=False)
     out = tmp_path / "out"
-    done = {}
-    runner = threading.Thread(target=lambda: done.update(run_study(
-        plan, out, progress=False, slurm_options=options())))
-    runner.start()
+    runner, done = study_in_background(plan, out)
     run_dir = out / "tiny" / "stratopt" / "seed0"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -141,10 +147,7 @@ def test_cancel_stops_the_studys_jobs(on_cluster, tmp_path):
                      arms=[{"name": "stratopt", "optimizer": "stratopt", "steps": 5000,
                             "save_every": 2}])
     out = tmp_path / "out"
-    done = {}
-    runner = threading.Thread(target=lambda: done.update(run_study(
-        plan, out, progress=False, slurm_options=options())))
-    runner.start()
+    runner, done = study_in_background(plan, out)
     run_dir = out / "tiny" / "stratopt" / "seed0"
     deadline = time.time() + 60
     while time.time() < deadline and not (run_dir / "checkpoints" / "latest").is_file():

@@ -281,12 +281,12 @@ class StudyRunner:
         """Submit what is not queued yet as one job array, then follow every job to its end.
         A run whose job an earlier invocation submitted and slurm still holds is never
         submitted again; an interrupted runner leaves the jobs running (study cancel stops them)."""
-        waiting, to_submit = {}, []
+        waiting, to_submit, states = {}, [], slurm.job_states()
         for run in todo:
             run_dir = run.directory(self.out)
             run_dir.mkdir(parents=True, exist_ok=True)
             job = slurm.last_job(run_dir)
-            if slurm.is_active(job):
+            if slurm.is_active(job, states):
                 waiting[run.key] = (run, job)
                 continue
             spec = self.specs[run.key]
@@ -304,8 +304,9 @@ class StudyRunner:
         started = time.time()
         try:
             while waiting:
+                states = slurm.job_states()  # one query per poll for the whole study
                 for key, (run, job) in list(waiting.items()):
-                    info = slurm.job_state(job)
+                    info = slurm.job_state(job, states)
                     if info["JobState"] in slurm.ACTIVE:
                         continue
                     if info["JobState"] == "CANCELLED":  # study cancel / scancel: not a failure,
@@ -398,11 +399,11 @@ def _plan_of(directory: str | Path) -> Plan:
 def study_status(directory: str | Path) -> list[tuple[str, str, Optional[str]]]:
     """(run, state, slurm job) of every run: slurm's state (PENDING, RUNNING, REQUEUED, ...)
     while it holds the run's job, else the run directory's (ok, diverged, failed, ...)."""
-    out = []
+    out, states = [], slurm.job_states()
     for run in _plan_of(directory).runs():
         run_dir = run.directory(Path(directory))
         job = slurm.last_job(run_dir)
-        live = slurm.job_state(job)["JobState"] if job else None
+        live = slurm.job_state(job, states)["JobState"] if job else None
         out.append((run.key, live if live in slurm.ACTIVE else run_state(run_dir).status, job))
     return out
 

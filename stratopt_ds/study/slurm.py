@@ -152,22 +152,44 @@ def last_job(run_dir: Path) -> Optional[str]:
     return record["jobs"][-1] if record and record.get("jobs") else None
 
 
-def job_state(job_id: str) -> dict[str, str]:
-    """``JobState``, ``Reason``, ``ExitCode`` (and the rest) as ``scontrol show job`` gives them;
-    ``{"JobState": "UNKNOWN"}`` once slurm has forgotten the job (after MinJobAge)."""
-    proc = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True,
-                          text=True)
-    if proc.returncode != 0 or not proc.stdout.strip():
-        return {"JobState": "UNKNOWN"}
-    fields = {}
-    for item in proc.stdout.split():
-        key, _, value = item.partition("=")
-        fields.setdefault(key, value)
-    return fields
+def job_states() -> dict[str, dict[str, str]]:
+    """Every job slurm holds, by id (an array task also as ``<array>_<task>``): one
+    ``scontrol show job`` for a whole poll, however many runs the study has."""
+    proc = subprocess.run(["scontrol", "show", "job", "-o"], capture_output=True, text=True)
+    states = {}
+    for line in proc.stdout.splitlines() if proc.returncode == 0 else []:
+        fields = {}
+        for item in line.split():
+            key, _, value = item.partition("=")
+            fields.setdefault(key, value)
+        states[fields.get("JobId", "")] = fields
+        for task in array_tasks(fields.get("ArrayTaskId", "N/A")):
+            states[f"{fields['ArrayJobId']}_{task}"] = fields
+    return states
 
 
-def is_active(job_id: Optional[str]) -> bool:
-    return job_id is not None and job_state(job_id)["JobState"] in ACTIVE
+def array_tasks(spec: str) -> list[int]:
+    """``ArrayTaskId`` as task numbers: ``3``, or the pending rest of an array (``0-3%64``, ``1,4``)."""
+    if spec in ("N/A", ""):
+        return []
+    tasks = []
+    for part in spec.split("%")[0].split(","):
+        lo, _, hi = part.partition("-")
+        if lo.isdigit():
+            tasks += range(int(lo), int(hi if hi.isdigit() else lo) + 1)
+    return tasks
+
+
+def job_state(job_id: str, states: Optional[dict[str, dict[str, str]]] = None) -> dict[str, str]:
+    """``JobState``, ``Reason``, ``ExitCode`` (and the rest) as ``scontrol show job`` gives them
+    (from ``states`` of :func:`job_states` when given); ``{"JobState": "UNKNOWN"}`` once slurm
+    has forgotten the job (after MinJobAge)."""
+    states = job_states() if states is None else states
+    return states.get(str(job_id), {"JobState": "UNKNOWN"})
+
+
+def is_active(job_id: Optional[str], states: Optional[dict[str, dict[str, str]]] = None) -> bool:
+    return job_id is not None and job_state(job_id, states)["JobState"] in ACTIVE
 
 
 def cancel(job_ids: list[str]) -> None:
