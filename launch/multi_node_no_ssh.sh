@@ -52,6 +52,10 @@ else
   for ((i = 0; i < NUM_NODES; i++)); do echo "node$i slots=$GPUS_PER_NODE"; done > "$HOSTFILE"
 fi
 
+# The stop signal (train --stop-signal, USR2 by default, e.g. slurm's `--signal=USR2@120`) must
+# not kill the launcher before its ranks have saved their checkpoint and exited with code 75:
+# ignored here, ignored by the launcher; the ranks catch it themselves.
+trap '' USR1 USR2
 # --num_nodes / --num_gpus trim a longer HOSTFILE to the first NUM_NODES hosts, GPUS_PER_NODE slots.
 "$DEEPSPEED" --hostfile "$HOSTFILE" --no_ssh --node_rank "$NODE_RANK" \
   --num_nodes "$NUM_NODES" --num_gpus "$GPUS_PER_NODE" \

@@ -19,7 +19,8 @@ OK, DIVERGED = "ok", "diverged"
 
 @dataclass
 class RunSummary:
-    status: str = OK                     # "ok", or "diverged" (non-finite loss or skipped updates)
+    status: str = OK                     # "ok", "diverged" (non-finite loss or skipped updates),
+    #                                      or "stopped" (the stop signal; never in summary.json)
     optimizer: str = ""                  # optimizer name (stratopt_ds.available_optimizers())
     preset: str = ""                     # model preset (stratopt_ds.models.MODEL_PRESETS)
     params: int = 0                      # model parameters

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from . import data, models, resume, run_policy, train_config
+from . import data, models, preemption, resume, run_policy, train_config
 from .metrics import MetricsLog, finite_or_none, optimizer_stats, print_summary
 from .optim import create_optimizer
 from .run_policy import parse_opt_args  # noqa: F401  (also this module's API: hf, examples)
@@ -115,6 +115,10 @@ def resolve(config: TrainConfig, ranks: Optional[int] = None, deepspeed: Optiona
     if check_device and device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {config.device}: CUDA is not available on this machine")
     check_out(config)
+    try:
+        preemption.signal_of(config.stop_signal)
+    except ValueError as e:
+        raise ConfigError(f"--stop-signal: {e}") from None
     if config.deepspeed_config is not None and names.config == run_policy.Settings().config:
         names = dataclasses.replace(names, config=f"{names.config} {config.deepspeed_config}")
     if deepspeed is None and config.deepspeed_config is not None:
@@ -244,7 +248,8 @@ class SingleProcess:
     def engine_skipped_steps(self) -> int:
         return 0  # no engine: only the optimizer skips (and counts) non-finite steps
 
-    def train_step(self, batch: data.Batch) -> float:
+    def train_step(self, batch: data.Batch, stop: bool = False) -> tuple[float, bool]:
+        """One step; the loss, and whether to stop after it (``stop``: this process was asked to)."""
         device = self.model.device
         inputs, targets = batch.rows()
         loss = lm_loss(self.model, inputs.to(device), targets.to(device))
@@ -252,7 +257,7 @@ class SingleProcess:
         loss.backward()
         self.optimizer.step()
         self.scheduler.step()
-        return loss.item()
+        return loss.item(), stop
 
     def save(self, directory: Path, step: int, client: dict, identity: dict) -> None:
         resume.save_single(directory, step, self.model, self.optimizer, self.scheduler,
@@ -326,8 +331,10 @@ class DeepSpeedRun:
         self.dist.barrier()
         self.dist.destroy_process_group()
 
-    def train_step(self, batch: data.Batch) -> float:
-        """This rank's micro-batches of the global batch: only their windows are read."""
+    def train_step(self, batch: data.Batch, stop: bool = False) -> tuple[float, bool]:
+        """This rank's micro-batches of the global batch: only their windows are read. Returns
+        the loss of the global batch and whether any rank was asked to stop (``stop``: this one
+        was); both ride in one all-reduce, the one the logged loss needs anyway."""
         losses = []
         for m in range(self.gas):
             lo = (m * self.world + self.rank) * self.micro
@@ -337,8 +344,10 @@ class DeepSpeedRun:
             self.model.step()
             losses.append(loss.detach().float())
         mean = torch.stack(losses).mean()  # the logged loss: mean over the global batch
-        self.dist.all_reduce(mean)  # on the model's device: NCCL reduces no CPU tensor
-        return mean.item() / self.world
+        packed = torch.stack([mean, torch.full_like(mean, float(stop))])  # no host-to-device copy
+        self.dist.all_reduce(packed)  # on the model's device: NCCL reduces no CPU tensor
+        loss_sum, stops = packed.tolist()
+        return loss_sum / self.world, stops > 0
 
     def save(self, directory: Path, step: int, client: dict, identity: dict) -> None:
         resume.save_deepspeed(directory, step, self.model, client, identity)
@@ -361,7 +370,8 @@ class Trainer:
 
     ``Trainer(config)`` checks the config (:func:`resolve`: a bad option raises ValueError before
     any data is read or any weight is allocated); :meth:`run` trains and returns the
-    :class:`RunSummary` it also writes to ``<out>/summary.json``.
+    :class:`RunSummary` it also writes to ``<out>/summary.json`` (not when the stop signal
+    stopped it at a checkpoint: status "stopped", the run is not over).
     """
 
     def __init__(self, config: TrainConfig | ResolvedRun):
@@ -369,6 +379,12 @@ class Trainer:
         self.config = self.resolved.config
 
     def run(self) -> RunSummary:
+        # The stop signal (slurm's time-limit warning) is caught from here on and read once a step.
+        signum = preemption.signal_of(self.config.stop_signal) if self.config.out else None
+        with preemption.StopRequest(signum) as stop:
+            return self._train(stop)
+
+    def _train(self, stop: preemption.StopRequest) -> RunSummary:
         t_start = time.perf_counter()
         config, resolved = self.config, self.resolved
         device = torch.device(config.device)
@@ -391,7 +407,7 @@ class Trainer:
             else SingleProcess(resolved, model)
         opt, lead = backend.optimizer, backend.rank == 0
         if lead:
-            for note in resolved.prepared.notes:
+            for note in resolved.prepared.notes + ([stop.note] if stop.note else []):
                 print(f"note: {note}")
             print(f"{config.optimizer} {resolved.hyperparams} | {config.preset}: {n_params:,} params | "
                   f"{backend.world} rank(s) | {store.summary()} | {len(training.train):,} train / "
@@ -432,7 +448,8 @@ class Trainer:
             t_step = time.perf_counter()
             batch = next(batches)
             lr = backend.lr()
-            losses.append(backend.train_step(batch))
+            loss, stopping = backend.train_step(batch, stop.requested)  # every rank agrees
+            losses.append(loss)
             history["train_time"] += time.perf_counter() - t_step
             history["tokens"] += batch.tokens
             stats = optimizer_stats(opt, engine_skipped=backend.engine_skipped_steps(),
@@ -464,7 +481,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{losses[-1]:.3f}", val=f"{val:.3f}", lr=f"{lr:.2e}")
             if status == "diverged":
                 break
-            if config.save_every and (step % config.save_every == 0 or step == config.steps):
+            stopping = stopping and step < config.steps  # at the last step: just finish
+            if stopping or (config.save_every and (step % config.save_every == 0 or step == config.steps)):
                 add_reducer_time()
                 history["elapsed"] = elapsed0 + time.perf_counter() - t0
                 client = {"step": step, "history": history, "data": batches.state_dict(),
@@ -472,10 +490,13 @@ class Trainer:
                 backend.save(checkpoint_dir(config), step, client, resolved.identity())
                 if lead:
                     resume.prune(checkpoint_dir(config), config.keep_checkpoints)
+            if stopping:
+                status = "stopped"
+                break
         bar.close()
         log.close()
         add_reducer_time()
-        if val_losses and not math.isfinite(val_losses[-1][1]):
+        if status == "ok" and val_losses and not math.isfinite(val_losses[-1][1]):
             status = "diverged"
 
         # Summary.
@@ -503,7 +524,11 @@ class Trainer:
             data_state=batches.state_dict(), epochs=batches.epoch(), layers=layer_names,
             out=config.out,
         )
-        if lead:
+        if lead and status == "stopped":  # no summary.json: the run is not over
+            print(f"stopped after step {steps_done} on {stop.signum.name}: checkpoint "
+                  f"{checkpoint_dir(config) / resume.tag(steps_done)}; go on with --resume "
+                  f"(exit code {preemption.EXIT_STOPPED})", flush=True)
+        elif lead:
             if config.out is not None:
                 summary.write(Path(config.out) / "summary.json")
             print_summary(summary)
@@ -519,18 +544,20 @@ def main(argv: Optional[list[str]] | TrainConfig = None) -> RunSummary:
 
 
 EXIT_DIVERGED = 3
+EXIT_STOPPED = preemption.EXIT_STOPPED
 
 
 def cli(argv: Optional[list[str]] = None) -> int:
-    """The console entry: exit 0 when the run finished, 3 when it diverged; one line and exit 1
-    when a checkpoint that passed the checks fails to load (a refused or damaged file, named),
-    exit 2 when data that passed the checks fails to build (the file and line named)."""
+    """The console entry: exit 0 when the run finished, 3 when it diverged, 75 when the stop
+    signal stopped it at a checkpoint (go on with --resume); one line and exit 1 when a
+    checkpoint that passed the checks fails to load (a refused or damaged file, named), exit 2
+    when data that passed the checks fails to build (the file and line named)."""
     try:
         summary = main(argv)
     except (CheckpointError, data.DataError) as e:  # found only while loading or building
         print(f"stratopt-train: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, data.DataError) else 1
-    return EXIT_DIVERGED if summary.status == "diverged" else 0
+    return {"diverged": EXIT_DIVERGED, "stopped": preemption.EXIT_STOPPED}.get(summary.status, 0)
 
 
 if __name__ == "__main__":

@@ -94,6 +94,11 @@ class TrainConfig:
         "keep the newest K checkpoints; 0: all (default: 2)"))
     resume: bool = option(False, kind="bool", help=(
         "continue the run from the newest complete checkpoint in <out>/checkpoints"))
+    stop_signal: str = option("USR2", kind="str", help=(
+        "on this signal (slurm's time-limit warning, a preemption notice) every rank saves a "
+        "checkpoint after the step it is in and the run exits with code 75, to go on with "
+        "--resume; needs --out. USR1, USR2 or none (the signal's default action) (default: USR2, "
+        "the one submitit asks slurm for)"))
     diverge_after: int = option(20, kind="int", minimum=1, plan=True, help=(
         "stop as diverged (exit code 3) after K consecutive steps with a non-finite loss or a "
         "skipped update (non-finite gradients) (default: 20)"))

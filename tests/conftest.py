@@ -4,9 +4,16 @@ it), never to the user's ~/.cache."""
 import atexit
 import os
 import shutil
+import sys
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Every process the suite starts (DeepSpeed launches, slurm jobs, JIT builds) finds this Python's
+# tools first, its ninja among them: two ninja versions (the venv's 1.13, the system's 1.11) on
+# one build directory rebuild each other's work, ~24 s for DeepSpeed's CPU comm op at each switch.
+_BIN = os.path.dirname(sys.executable)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
+    os.environ["PATH"] = os.pathsep.join([_BIN, os.environ.get("PATH", "")])
 _CACHE = tempfile.mkdtemp(prefix="stratopt-test-cache-")
 os.environ["STRATOPT_CACHE"] = _CACHE
 atexit.register(shutil.rmtree, _CACHE, True)
@@ -65,3 +72,51 @@ def slurm_cluster():
     yield cluster
     cluster.stop()
     shutil.rmtree(cluster.root, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Local study runs that several test files compare against (each trained once per session)
+
+from helpers import DIVERGING_ARM, ROOT, edited_plan  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ci_tiny_study(tmp_path_factory):
+    """ci_tiny (2 arms x 2 seeds x 20 steps) plus the diverging arm, run here with 2 jobs and
+    reported: the runner and report tests read it; the slurm executor's runs must equal it."""
+    import json
+
+    from stratopt_ds.study.report import write_report
+    from stratopt_ds.study.runner import run_study
+
+    base = tmp_path_factory.mktemp("study")
+    plan = edited_plan(base / "plan.yaml", edit=lambda p: p["arms"].append(DIVERGING_ARM))
+    out = base / "out"
+    counts = run_study(plan, out, jobs=2, progress=False)
+    md, js = write_report(out)
+    return {"plan": plan, "out": out, "counts": counts, "md": md.read_text(),
+            "report": json.loads(js.read_text())}
+
+
+@pytest.fixture(scope="session")
+def two_rank_study(tmp_path_factory):
+    """One 30-step run of the tiny model under DeepSpeed (ZeRO-2, 2 ranks on this machine)
+    through the local executor: what the two-node slurm runs (the study's --nodes-per-run 2,
+    launch/slurm.sbatch given its train_config.json) must equal bit for bit."""
+    import json
+
+    from stratopt_ds.study.runner import run_study
+
+    base = tmp_path_factory.mktemp("two_rank")
+    sizes = {"tiny": {"preset": "tiny", "batch_size": 16,
+                      "deepspeed": {"config": str(ROOT / "ds_configs" / "tiny_zero2_cpu.json"),
+                                    "num_gpus": 2}}}
+    plan = edited_plan(base / "two_nodes.yaml", name="two_nodes", seeds=[0], sizes=sizes,
+                       baseline="stratopt", arms=[{"name": "stratopt", "optimizer": "stratopt",
+                                                   "steps": 30, "save_every": 100}])
+    out = base / "local"
+    assert run_study(plan, out, progress=False)["ok"] == 1
+    run_dir = out / "tiny" / "stratopt" / "seed0"
+    return {"plan": plan, "run_dir": run_dir,
+            "summary": json.loads((run_dir / "summary.json").read_text())}
+

@@ -1,8 +1,11 @@
 """Small models and comparison helpers shared by the tests."""
 from __future__ import annotations
 
+import json
 import socket
+import time
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +26,23 @@ def free_ports(n: int) -> list[int]:
 
 def free_port() -> int:
     return free_ports(1)[0]
+
+
+def wait_for_logged_step(out: Path, step: int, proc=None, timeout: float = 240) -> int:
+    """Wait until ``<out>/metrics.jsonl`` logs a training step >= ``step`` (or ``proc`` ends);
+    the newest step logged."""
+    path, newest, deadline = Path(out) / "metrics.jsonl", 0, time.time() + timeout
+    while True:
+        for line in path.read_text().splitlines()[-5:] if path.is_file() else []:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line being written
+                continue
+            if "loss" in record:
+                newest = max(newest, record["step"])
+        if newest >= step or time.time() >= deadline or (proc is not None and proc.poll() is not None):
+            return newest
+        time.sleep(0.05)
 
 
 def assert_usage_error(main, argv: list[str], words: list[str], capsys) -> None:
@@ -96,3 +116,25 @@ def flip_tensor_byte(path) -> None:
         byte = f.read(1)[0]
         f.seek(-1, 1)
         f.write(bytes([byte ^ 0x5A]))
+
+
+# ------------------------------------------------------------------------------------------------
+# Study plans
+
+ROOT = Path(__file__).resolve().parent.parent
+CI_PLAN = ROOT / "stratopt_ds" / "study" / "plans" / "ci_tiny.yaml"
+# An lr of 1e4 blows AdamW up within a few steps; after 3 skipped updates train.py stops the
+# run as diverged (exit code 3, summary status "diverged").
+DIVERGING_ARM = {"name": "adamw-hot", "optimizer": "adamw", "lr": 1.0e4, "diverge_after": 3}
+
+
+def edited_plan(path: Path, name: str = "ci_tiny", edit=None, **changes) -> Path:
+    """ci_tiny.yaml with top-level ``changes`` and then ``edit(raw)`` applied, written to ``path``."""
+    import yaml
+
+    raw = yaml.safe_load(CI_PLAN.read_text())
+    raw.update(name=name, **changes)
+    if edit:
+        edit(raw)
+    path.write_text(yaml.safe_dump(raw))
+    return path

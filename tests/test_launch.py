@@ -84,7 +84,8 @@ def stand_ins(tmp_path: Path) -> Path:
     bin_dir.mkdir()
     scripts = {
         # prints its arguments, and the hostfile it was given (a temporary file, gone afterwards)
-        "deepspeed": 'echo "node=${NODE_RANK:-none} deepspeed $*"\nprev=\n'
+        "deepspeed": 'echo "node=${NODE_RANK:-none} deepspeed $*"\n'
+                     'echo "ignored: $(awk \'/^SigIgn/ {print $2}\' /proc/$$/status)"\nprev=\n'
                      'for a in "$@"; do\n'
                      '  [[ $prev == --hostfile ]] && sed "s/^/hostfile: /" "$a"; prev=$a\ndone',
         "scontrol": '[[ "$1 $2 $3" == "show hostnames gpu[07-08]" ]] && printf "gpu07\\ngpu08\\n"',
@@ -145,6 +146,10 @@ def test_slurm_template_runs_one_no_ssh_launch_per_node(tmp_path):
                 f"{ROOT}/ds_configs/tiny_zero2_cpu.json --steps 5 --out runs/x y") in call
     # the generated hostfile: only the node count and slots matter under --no_ssh
     assert proc.stdout.count("hostfile: node0 slots=4\nhostfile: node1 slots=4\n") == 2
+    # the launcher ignores the stop signal (slurm's warning), which its ranks catch themselves
+    ignored = [int(line.split()[1], 16) for line in proc.stdout.splitlines()
+               if line.startswith("ignored: ")]
+    assert len(ignored) == 2 and all(mask >> (signal.SIGUSR2 - 1) & 1 for mask in ignored)
 
 
 def test_hostfile_script_passes_launcher_and_limits(tmp_path):

@@ -653,3 +653,4 @@ def test_cuda_graph_replay_follows_the_lr_schedule():
     assert opt.skipped_steps == 0
     assert all(torch.isfinite(p).all() for p in replayed)
     assert all(torch.equal(a, b) for a, b in zip(eager, replayed))
+

@@ -15,25 +15,17 @@ import pytest
 import yaml
 from PIL import Image
 
-from stratopt_ds.study.report import write_report
 from stratopt_ds.study.results import DIVERGED, INTERRUPTED, OK, PID_FILE, run_state
 from stratopt_ds.study.runner import StudyError, run_study
 from stratopt_ds.train_config import TrainConfig
+from helpers import DIVERGING_ARM, edited_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 CI_PLAN = ROOT / "stratopt_ds" / "study" / "plans" / "ci_tiny.yaml"
-# An lr of 1e4 blows AdamW up within a few steps; after 3 skipped updates train.py stops the
-# run as diverged (exit code 3, summary status "diverged").
-DIVERGING_ARM = {"name": "adamw-hot", "optimizer": "adamw", "lr": 1.0e4, "diverge_after": 3}
 
 
 def write_plan(directory: Path, edit=None) -> Path:
-    raw = yaml.safe_load(CI_PLAN.read_text())
-    if edit:
-        edit(raw)
-    path = directory / "plan.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return edited_plan(directory / "plan.yaml", edit=edit)
 
 
 def events(out: Path) -> list[dict]:
@@ -42,15 +34,9 @@ def events(out: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
+def study(ci_tiny_study):
     """ci_tiny (2 arms x 2 seeds x 20 steps) plus the diverging arm, run with 2 jobs, reported."""
-    base = tmp_path_factory.mktemp("study")
-    plan = write_plan(base, lambda p: p["arms"].append(DIVERGING_ARM))
-    out = base / "out"
-    counts = run_study(plan, out, jobs=2, progress=False)
-    md, js = write_report(out)
-    return {"plan": plan, "out": out, "counts": counts, "md": md.read_text(),
-            "report": json.loads(js.read_text())}
+    return ci_tiny_study
 
 
 @pytest.mark.dist
@@ -255,3 +241,76 @@ def test_epoch_lengths_are_counted_once_before_runs_start(tmp_path, monkeypatch)
     assert set(builds) == {threading.main_thread()}
     assert len(builds) == len(load_plan(plan_file).runs())  # one open per run's spec, none later
     assert started[0][0] > 1 and started[0][1]  # several runs, every spec made before they start
+
+
+def test_slurm_attempt_time_is_read_from_submitits_log_without_queue_time(tmp_path):
+    """Each start of a requeued job (its first attempt, the requeue) counts from submitit's
+    "Starting with" line to its last line; a last attempt killed before it logged its end counts
+    until slurm's EndTime; the time in the queue between them counts nowhere."""
+    from stratopt_ds.study.slurm import attempt_seconds
+
+    log = tmp_path / "7_0_log.out"
+    log.write_text(
+        "submitit INFO (2026-12-06 07:00:00,100) - Starting with JobEnvironment(job_id=7)\n"
+        "stratopt {'lr': 0.003} | tiny: 132,032 params\n"
+        "submitit INFO (2026-12-06 07:00:30,900) - Exiting gracefully after preemption/timeout.\n"
+        "submitit INFO (2026-12-06 07:10:00,000) - Starting with JobEnvironment(job_id=7)\n"
+        "submitit INFO (2026-12-06 07:10:45,000) - Job completed successfully\n"
+        "submitit INFO (2026-12-06 07:20:00,000) - Starting with JobEnvironment(job_id=7)\n")
+    assert attempt_seconds(log, "2026-12-06T07:20:12") == [30.0, 45.0, 12.0]
+    assert attempt_seconds(log) == [30.0, 45.0, 0.0]  # slurm forgot the job: a lower bound
+    assert attempt_seconds(tmp_path / "missing.out") == []
+
+
+def test_a_run_stopped_by_the_stop_signal_is_interrupted_not_failed(tmp_path):
+    """Exit code 75 with a checkpoint: the study resumes the run; 75 without one is a failure."""
+    from stratopt_ds.preemption import EXIT_STOPPED
+    from stratopt_ds.study.runner import StudyRunner
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "step_7").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step_7" / "run.json").write_text("{}")  # its save finished
+    (run_dir / "checkpoints" / "latest").write_text("step_7\n")
+    assert StudyRunner.outcome(run_dir, EXIT_STOPPED).status == INTERRUPTED
+    assert StudyRunner.outcome(tmp_path / "empty", EXIT_STOPPED).status == "failed"
+
+
+LAUNCHER_LIKE = """
+import signal, subprocess, sys
+signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # the launcher ignores it; its rank acts on it
+rank = subprocess.Popen([sys.executable, "-c", sys.argv[1]], stdout=sys.stdout)
+sys.exit(rank.wait())
+"""
+RANK_LIKE = """
+import signal, sys, time
+signal.signal(signal.SIGUSR2, lambda *_: sys.exit({code}))
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("rank_exits, requeued", [(75, True), (0, False), (1, False)])
+def test_the_warning_handler_passes_the_signal_to_the_ranks_and_requeues_only_a_stopped_run(
+        tmp_path, rank_exits, requeued):
+    """TrainJob.checkpoint (submitit's handler of slurm's time-limit warning) signals the whole
+    process tree under it (a launcher that ignores the signal, a rank that acts on it), waits
+    for it to exit, and requeues only a run that stopped at a checkpoint (exit 75): a run that
+    finished (0) or failed meanwhile ends the job instead (None)."""
+    from stratopt_ds.study.slurm import TrainJob
+
+    job = TrainJob(1, stop_wait_s=30)
+    job._child = subprocess.Popen([sys.executable, "-c", LAUNCHER_LIKE,
+                                   RANK_LIKE.format(code=rank_exits)],
+                                  stdout=subprocess.PIPE, text=True)
+    assert job._child.stdout.readline().strip() == "ready"  # the rank's handler is installed
+    started = time.monotonic()
+    delayed = job.checkpoint("train_config.json", str(tmp_path), False)
+    assert time.monotonic() - started < 20 and job._child.poll() is not None
+    if requeued:
+        assert delayed.args == ("train_config.json", str(tmp_path), False)
+        assert isinstance(delayed.function, TrainJob) and delayed.function._child is None
+    else:
+        assert delayed is None
+    (tmp_path / "summary.json").write_text("{}")  # a finished run is never requeued
+    job._child = None
+    assert job.checkpoint("train_config.json", str(tmp_path), False) is None

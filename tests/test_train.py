@@ -5,6 +5,7 @@ import functools
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from stratopt_ds import data, models, train
-from helpers import assert_usage_error
+from helpers import assert_usage_error, wait_for_logged_step
 
 FAST = ["--no-progress", "--eval-batches", "2"]
 
@@ -170,6 +171,7 @@ def assert_refused_before_any_work(argv, words, capsys, monkeypatch):
     (["--opt-args", "nonsense=1"], ["--opt-args", "nonsense"]),
     (["--opt-args", "lr=0.1"], ["--opt-args", "--lr"]),
     (["--data", __file__], [f"--data {__file__}", "unsupported file", ".jsonl"]),
+    (["--stop-signal", "TERM"], ["--stop-signal", "'TERM'", "USR1, USR2 or none"]),
 ])
 def test_bad_options_exit_with_a_clear_message(argv, words, capsys, monkeypatch):
     assert_refused_before_any_work(argv, words, capsys, monkeypatch)
@@ -275,8 +277,10 @@ def store_train_cmd(out, *extra: str, store) -> list[str]:
             "--no-tensorboard", "--data", str(store), *extra]
 
 
-def test_resume_after_kill_continues_the_same_run(tmp_path):
-    """Kill -9 a run mid-way; --resume gives the same steps, data position and loss curve."""
+def test_resume_after_kill_and_after_the_stop_signal_continues_the_same_run(tmp_path):
+    """Kill -9 a run mid-way; --resume goes on from the last periodic checkpoint. SIGUSR2 (the
+    stop signal) on the resumed run: it saves a checkpoint of the step it is in and exits 75;
+    --resume again finishes. The steps, data position and loss curve are the uninterrupted run's."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     store = data.build_store("synthetic", tmp_path / "store", data.BuildSettings(val_tokens=10_000),
                              progress=False)
@@ -300,13 +304,24 @@ def test_resume_after_kill_continues_the_same_run(tmp_path):
     killed_at = int(latest.read_text().strip()[5:])
     assert 15 <= killed_at < 40
 
+    stopped = subprocess.Popen(train_cmd(out, "--resume"), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=env)
+    logged = wait_for_logged_step(out, 0, timeout=0)  # the killed run's last step logged
+    wait_for_logged_step(out, logged + 3, stopped)  # new steps: the handler is in place
+    stopped.send_signal(signal.SIGUSR2)
+    stdout, stderr = stopped.communicate(timeout=120)
+    assert stopped.returncode == train.EXIT_STOPPED, stdout[-2000:] + stderr[-2000:]
+    stopped_at = int(latest.read_text().strip()[5:])  # the step it was in: no periodic one
+    assert killed_at + 3 <= stopped_at < 40 and f"stopped after step {stopped_at} on SIGUSR2" in stdout
+    assert not (out / "summary.json").exists()
+
     resumed = subprocess.run(train_cmd(out, "--resume"), capture_output=True, text=True,
                              timeout=300, env=env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"at step {killed_at}" in resumed.stdout
+    assert f"at step {stopped_at}" in resumed.stdout
     a = json.loads((tmp_path / "ref" / "summary.json").read_text())
     b = json.loads((out / "summary.json").read_text())
-    assert b["resumed_from"] == killed_at and b["steps_done"] == 40
+    assert b["resumed_from"] == stopped_at and b["steps_done"] == 40
     assert b["losses"] == a["losses"]  # bit-identical loss curve
     assert b["val_losses"] == a["val_losses"]
     assert b["data_state"] == a["data_state"] and b["tokens"] == a["tokens"]

@@ -1,38 +1,55 @@
 """The main job under the real `deepspeed` launcher: 2 CPU ranks, ZeRO-2, StratOpt from the JSON.
 
 One launch trains 20 steps with checkpoints from a token store; a second resumes a copy of it from
-step 10 and must repeat steps 11-20 exactly (same data position, same optimizer state, same loss
-curve).
+step 10 and gets the stop signal on rank 1 alone: both ranks stop after the same step at a
+checkpoint; a third resumes from that one and must end as the first (same data position, same
+optimizer state, same loss curve).
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from helpers import free_port
+import psutil
+from helpers import free_port, wait_for_logged_step
 
-from stratopt_ds import data
+from stratopt_ds import data, train
 
 pytestmark = __import__("pytest").mark.dist  # the deepspeed launcher, 2 CPU ranks
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def launch(out: Path, store: Path, *extra: str) -> subprocess.CompletedProcess:
+def launch(out: Path, store: Path, *extra: str, stop_rank: int | None = None,
+           at_step: int = 0) -> subprocess.CompletedProcess:
+    """The 2-rank job; ``stop_rank``: send that rank the stop signal once step ``at_step`` is logged."""
     port = free_port()
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
            "--module", "stratopt_ds.train", "--deepspeed_config", str(ROOT / "ds_configs" / "tiny_zero2_cpu.json"),
            "--steps", "20", "--batch-size", "16", "--out", str(out), "--no-progress", "--eval-batches", "2",
            "--save-every", "10", "--data", str(store), *extra]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if stop_rank is not None:
+        wait_for_logged_step(out, at_step, proc)
+        rank = next(p for p in psutil.Process(proc.pid).children(recursive=True)
+                    if p.environ().get("RANK") == str(stop_rank))
+        rank.send_signal(signal.SIGUSR2)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:  # e.g. the ranks disagree on stopping: one waits forever
+        for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+            p.kill()
+        stdout, stderr = proc.communicate()
+    expected = 0 if stop_rank is None else train.EXIT_STOPPED  # the launcher passes the rank's on
+    assert proc.returncode == expected, stdout[-3000:] + stderr[-3000:]
     # DeepSpeed's CPU all-reduce buffers of this job are gone (release_cpu_comm_shm)
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
-    return proc
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def test_deepspeed_launcher_trains_stratopt_from_the_config_and_resumes(tmp_path):
@@ -57,10 +74,18 @@ def test_deepspeed_launcher_trains_stratopt_from_the_config_and_resumes(tmp_path
     shutil.copytree(out, resumed)
     (resumed / "summary.json").unlink()
     (resumed / "checkpoints" / "latest").write_text("step_10\n")
-    proc = launch(resumed, store.path, "--resume")
+    metrics = (resumed / "metrics.jsonl").read_text().splitlines()
+    (resumed / "metrics.jsonl").write_text("".join(  # what a run killed after step 10 logged
+        line + "\n" for line in metrics if json.loads(line)["step"] <= 10))
+    proc = launch(resumed, store.path, "--resume", stop_rank=1, at_step=13)
     assert "at step 10" in proc.stdout
+    stopped_at = int((resumed / "checkpoints" / "latest").read_text().strip()[5:])
+    assert 13 <= stopped_at < 20 and f"stopped after step {stopped_at} on SIGUSR2" in proc.stdout
+    assert not (resumed / "summary.json").exists()
+    proc = launch(resumed, store.path, "--resume")
+    assert f"at step {stopped_at}" in proc.stdout
     again = json.loads((resumed / "summary.json").read_text())
-    assert again["resumed_from"] == 10
+    assert again["resumed_from"] == stopped_at
     assert again["losses"] == losses  # steps 11-20 bit-identical on the same 2 ranks
     assert again["val_losses"] == summary["val_losses"]
     assert again["data_state"] == summary["data_state"]

@@ -35,6 +35,7 @@ import multiprocessing.connection
 import os
 import re
 import shutil
+import signal
 import threading
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -216,6 +217,10 @@ _worker_state: dict = {}
 
 def _init_worker(directory: str, info: dict) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
+    # The training run's stop signal (slurm's time-limit warning reaches every process of the
+    # job) is the run's to act on, after the build: a worker must not die of it mid-build.
+    for name in ("SIGUSR1", "SIGUSR2"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
     _exit_with_the_build()
     _worker_state["tok"] = load_tokenizer(Path(directory), info)
     _worker_state["dtype"] = token_dtype(info["vocab_size"])

@@ -35,6 +35,7 @@ SLURM_FLAGS = [
     ("--cpus-per-task", int, "CPUs of each node's task"), ("--mem-gb", float, "memory per node, GB"),
     ("--max-running", int, "the study's jobs running at once (the job array's %%limit)"),
     ("--signal-delay-s", int, "time-limit warning, seconds before the end: checkpoint, requeue"),
+    ("--max-timeouts", int, "requeues on reaching the time limit before a run fails (default 10)"),
 ]
 
 

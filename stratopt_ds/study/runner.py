@@ -33,6 +33,7 @@ from typing import Any, Optional
 
 from tqdm import tqdm
 
+from ..preemption import EXIT_STOPPED
 from ..summary import RunSummary
 from . import slurm
 from .plan import Plan, Run, data_request, deepspeed_config, load_plan, steps_of_epochs
@@ -183,6 +184,9 @@ class StudyRunner:
                 state = future.result()
                 if state is None:
                     continue  # stopped by us
+                if state.status == INTERRUPTED:  # the stop signal, sent to the run by hand
+                    bar.write(f"{state.reason}: {futures[future].key}; it resumes on the next run")
+                    continue
                 if state.status in FAILURES:
                     failed += 1
                     bar.write(f"FAILED {futures[future].key}: {state.status}: {state.reason}")
@@ -265,6 +269,8 @@ class StudyRunner:
         """train.py's own verdict when it wrote one; otherwise ``why`` (slurm's state and reason)
         or the exit code, and the log's end."""
         state = run_state(run_dir)
+        if state.status == INTERRUPTED and returncode == EXIT_STOPPED:  # the stop signal
+            return RunState(INTERRUPTED, "stopped at a checkpoint by the stop signal")
         if state.status == DIVERGED:
             return RunState(DIVERGED, divergence_reason(RunSummary.read(run_dir / "summary.json") or RunSummary()))
         if state.status in (OK, FAILED):
@@ -301,7 +307,6 @@ class StudyRunner:
                   file=sys.stderr)
         bar = tqdm(total=done + len(todo), initial=done, desc=f"study {self.plan.name} (slurm)",
                    unit="run", disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
-        started = time.time()
         try:
             while waiting:
                 states = slurm.job_states()  # one query per poll for the whole study
@@ -309,23 +314,38 @@ class StudyRunner:
                     info = slurm.job_state(job, states)
                     if info["JobState"] in slurm.ACTIVE:
                         continue
-                    if info["JobState"] == "CANCELLED":  # study cancel / scancel: not a failure,
-                        bar.write(f"cancelled {key} (job {job}): it resumes on the next run")
-                        del waiting[key]  # like a run the local runner stops itself
+                    del waiting[key]
+                    state = self.slurm_outcome(run, job, info)
+                    if state.status == INTERRUPTED:
+                        bar.write(f"{state.reason}: {key} (job {job}); it resumes on the next run")
                         continue
-                    code = int(info.get("ExitCode", "0:0").split(":")[0] or 0)
-                    why = f"slurm job {job} {info['JobState']} (reason {info.get('Reason', '?')}, exit {info.get('ExitCode', '?')})"
-                    state = self.outcome(run.directory(self.out), code, why)
-                    self.record(run, state, {"job": job, "slurm_state": info["JobState"],
-                                             "slurm_reason": info.get("Reason"),
-                                             "seconds": time.time() - started})
                     if state.status in FAILURES:
                         bar.write(f"FAILED {key}: {state.status}: {state.reason}")
                     bar.update(1)
-                    del waiting[key]
                 time.sleep(self.poll_seconds if waiting else 0)
         finally:
             bar.close()
+
+    def slurm_outcome(self, run: Run, job: str, info: dict[str, str]) -> RunState:
+        """A run whose job slurm has finished: its state, recorded with slurm's view and the wall
+        time of the job's attempts (not its time in the queue). A cancelled job (study cancel,
+        scancel) or one that ended at the stop signal's checkpoint without being requeued is no
+        failure: like a run the local runner stops itself, it resumes on the next study run."""
+        run_dir = run.directory(self.out)
+        spans = slurm.attempt_seconds((slurm.read_record(run_dir) or {}).get("stdout", ""),
+                                      info.get("EndTime"))
+        if info["JobState"] == "CANCELLED":
+            state = RunState(INTERRUPTED, "cancelled")
+        elif info["JobState"] == "COMPLETED" and run_state(run_dir).status == INTERRUPTED:
+            state = RunState(INTERRUPTED, "stopped at a checkpoint")
+        else:
+            code = int(info.get("ExitCode", "0:0").split(":")[0] or 0)
+            why = (f"slurm job {job} {info['JobState']} (reason {info.get('Reason', '?')}, "
+                   f"exit {info.get('ExitCode', '?')})")
+            state = self.outcome(run_dir, code, why)
+        return self.record(run, state, {"job": job, "slurm_state": info["JobState"],
+                                        "slurm_reason": info.get("Reason"),
+                                        "attempts": len(spans), "seconds": sum(spans)})
 
     # -- commands --------------------------------------------------------------------------------
 
