@@ -157,7 +157,9 @@ DEEPSPEED = [
     ({"fp16": {"enabled": True}}, ["fp16.enabled=true is not supported", "bf16"]),
     ({**zero(stage=0), "bf16": {"enabled": True}}, ["bf16.enabled=true with zero_optimization.stage=0"]),
     (zero(round_robin_gradients=True), ["round_robin_gradients=true", "set it to false"]),
-    (zero(mics_shard_size=2), ["mics_shard_size=2"]),
+    (zero(mics_shard_size=2), ["mics_shard_size=2", "DeepSpeed 0.19.8 has removed MiCS",
+                               "zero_hpz_partition_size"]),
+    (zero(mics_shard_size=-1), ["mics_shard_size=-1", "remove the key"]),
     (zero(offload_optimizer={"device": "nvme", "nvme_path": "/tmp"}), ["offload_optimizer.device='nvme'"]),
     ({**zero(stage=3, offload_optimizer={"device": "nvme", "nvme_path": "/tmp"})}, ["'nvme'"]),
     ({**zero(offload_optimizer={"device": "cpu"}), "zero_force_ds_cpu_optimizer": True},
@@ -180,6 +182,16 @@ DEEPSPEED = [
     ({"optimizer": {"type": "StratOpt", "params": {"max_grad_norm": 1.0}}}, ["max_grad_norm"]),
     ({"zero_optimization": "two"}, ["zero_optimization must be a mapping"]),
 ]
+
+
+def test_deepspeed_itself_has_removed_mics():
+    """What the MiCS refusal says: DeepSpeed 0.19.8 refuses the key itself, whatever its value."""
+    from deepspeed.runtime.config import DeepSpeedConfig, DeepSpeedConfigError
+
+    for value in (2, -1):
+        with pytest.raises(DeepSpeedConfigError, match="MiCS ZeRO-3 sharding has been removed"):
+            DeepSpeedConfig({"train_batch_size": 2, "zero_optimization": {
+                "stage": 3, "mics_shard_size": value}})
 
 
 @pytest.mark.parametrize("overrides, words", DEEPSPEED, ids=[json.dumps(o)[:50] for o, _ in DEEPSPEED])

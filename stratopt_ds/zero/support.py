@@ -49,9 +49,12 @@ def check_config(config: Mapping[str, Any], where: str = "the DeepSpeed config")
     if zero.get("round_robin_gradients") is True:
         refuse("zero_optimization.round_robin_gradients=true", "the flat gradient order would not "
                "match the layer map; set it to false")
-    if (zero.get("mics_shard_size") or -1) > 0:
-        refuse(f"zero_optimization.mics_shard_size={zero['mics_shard_size']}", "MiCS shards over a "
-               "group that is not the data-parallel group; remove it")
+    for key in ("mics_shard_size", "mics_hierarchical_params_gather"):
+        if key in zero:  # DeepSpeed refuses the key itself, whatever its value
+            refuse(f"zero_optimization.{key}={zero[key]!r}", "DeepSpeed 0.19.8 has removed MiCS "
+                   "(its own error: \"MiCS ZeRO-3 sharding has been removed\"); remove the key. To "
+                   "keep parameter all-gathers within groups of ranks, ZeRO++ hpZ "
+                   "(zero_optimization.zero_hpz_partition_size, stage 3) is supported")
     offload = zero.get("offload_optimizer") or {}
     if isinstance(offload, Mapping) and offload.get("device") == "nvme":
         refuse("zero_optimization.offload_optimizer.device='nvme'", "DeepSpeed swaps the optimizer "

@@ -7,6 +7,7 @@ on the same global batches, and writes what the test asserts to a JSON file.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -118,7 +119,7 @@ def ds_config(cfg):
     return {
         "train_micro_batch_size_per_gpu": GLOBAL_BATCH // (world * cfg["gas"]),
         "gradient_accumulation_steps": cfg["gas"],
-        "zero_optimization": zero,
+        "zero_optimization": {**zero, **cfg.get("zero_extra", {})},
         "bf16": {"enabled": bool(cfg.get("bf16"))},
         # bf16 runs accumulate and reduce gradients in fp32, as the reference does; with
         # bf16 communication the reduction's own rounding (~4e-3) would hide any norm error.
@@ -166,6 +167,9 @@ def ds_run(cfg):
     same_on_ranks = all(torch.equal(g, gathered[0]) for g in gathered)
     kind = opt.sharding.kind if not opt.sharding.is_local else "none"
     layout = _layout_facts(opt)
+    # ZeRO++ hpZ: parameters with a secondary (intra-group) partition besides their ZeRO-3 one
+    layout["secondary_partitions"] = sum(getattr(p, "ds_secondary_tensor", None) is not None
+                                         for p in model.parameters())
     return params, norms, same_on_ranks, counter.calls, kind, layout
 
 
@@ -177,14 +181,18 @@ def _layout_facts(opt):
     mine = sorted({f.layer for s in slots for f in s.fragments})
     padding = sum(s.flat.numel() - sum(f.length for f in s.fragments) for s in slots)
     empty = sum(1 for s in slots if not s.fragments)
+    # which optimizer fragments each rank holds: (layer, start, length) per slot, every rank
+    held = [[(f.layer, f.start, f.length) for f in s.fragments] for s in slots]
     everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, (mine, padding, empty))
+    dist.all_gather_object(everyone, (mine, padding, empty, held))
+    digest = hashlib.sha256(repr([h for *_, h in everyone]).encode()).hexdigest()[:16]
     owners = {}
-    for layers, _, _ in everyone:
+    for layers, *_ in everyone:
         for layer in layers:
             owners[layer] = owners.get(layer, 0) + 1
     return {"straddling_layers": sum(1 for n in owners.values() if n > 1),
-            "padding": sum(p for _, p, _ in everyone), "empty_slots": sum(e for _, _, e in everyone)}
+            "padding": sum(p for _, p, *_ in everyone), "empty_slots": sum(e for _, _, e, _ in everyone),
+            "fragments": digest}
 
 
 def matrix(world: int):
@@ -207,10 +215,17 @@ def matrix(world: int):
     for stage in (1, 2, 3):
         cfgs.append(dict(stage=stage, offload=stage == 3, gas=1, opt="stratopt", groups3=True))
     cfgs.append(dict(stage=3, offload=True, gas=2, opt="la-sqrt-b1depth-cliplayer", ds_clip=0.05))
+    if world >= 4:  # ZeRO++ hpZ: a secondary copy of the parameters within groups of 2 ranks
+        for name, gran in opts[:2]:
+            cfgs.append(dict(stage=3, offload=False, gas=1, opt=name, granularity=gran,
+                             zero_extra={"zero_hpz_partition_size": 2}))
     return cfgs
 
 
 def no_reduce(world: int):
+    if world >= 4:  # hpZ (the stages themselves: at 2 and 3 ranks)
+        return [dict(stage=3, offload=False, gas=1, opt="stratopt", no_reduce=True,
+                     zero_extra={"zero_hpz_partition_size": 2})]
     return [dict(stage=s, offload=o, gas=1, opt="stratopt", no_reduce=True)
             for s in (1, 2, 3) for o in (False, True)]
 
