@@ -14,7 +14,7 @@ from stratopt_ds.deepspeed import load_config, prepare_config, resolve_optimizer
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 CONFIGS = sorted(CONFIG_DIR.glob("*.json"))
 # The world size each config's train_batch_size is written for (ds_configs/README.md).
-WORLD = {"tiny_zero2_cpu.json": 2}
+WORLD = {"tiny_zero2_cpu.json": 2, "7b_zero3_hpz.json": 32}  # hpZ: 4 nodes of 8 GPUs
 DEFAULT_WORLD = 8
 
 
@@ -51,7 +51,8 @@ def test_every_preset_and_stage_is_shipped():
     for preset in ("134m", "500m", "1b"):
         for stage in ("zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"):
             assert f"{preset}_{stage}.json" in names
-    assert {"tiny_zero2_cpu.json", "1b_zero2_la.json"} <= names
+    assert {"tiny_zero2_cpu.json", "1b_zero2_la.json", "3b_zero3_offload.json",
+            "7b_zero3_offload.json", "7b_zero3_hpz.json"} <= names
     assert (CONFIG_DIR / "README.md").exists()
 
 
@@ -70,10 +71,11 @@ def test_config_is_ready_to_run(path, monkeypatch):
     assert ready["gradient_clipping"] > 0 or clips  # and one that does not clip gets the engine's
 
     # Stage, offload and precision are what the file name says.
-    m = re.match(r"(tiny|134m|500m|1b)_zero(\d)(_offload)?", path.name)
+    m = re.match(r"(tiny|134m|500m|1b|3b|7b)_zero(\d)(_offload)?(_hpz)?", path.name)
     zero = cfg["zero_optimization"]
     assert zero["stage"] == int(m[2])
     assert zero.get("offload_optimizer", {}).get("device", "none") == ("cpu" if m[3] else "none")
+    assert zero.get("zero_hpz_partition_size", 1) == (8 if m[4] else 1)  # hpZ within a node of 8
     assert cfg["bf16"]["enabled"] is (m[1] != "tiny") and "fp16" not in cfg
     if m[3]:
         assert ready["zero_force_ds_cpu_optimizer"] is False

@@ -169,9 +169,8 @@ class TrainJob:
 
 def stop_signal() -> signal.Signals:
     """The warning signal submitit asks slurm for (``SUBMITIT_PREEMPT_SIGNAL``, default USR2)."""
-    from submitit.slurm.slurm import SlurmJobEnvironment
-
-    return SlurmJobEnvironment._usr_sig()
+    name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2").upper().removeprefix("SIG")
+    return signal.Signals[f"SIG{name}"]
 
 
 def node_address(node: str) -> str:
