@@ -29,8 +29,10 @@ $(STAMP): pyproject.toml setup.py requirements.txt
 #          deepspeed --num_gpus 8 --module stratopt_ds.train --preset 134m --device cuda \
 #              --data stores/fineweb-gpt2-1.1B --deepspeed_config ds_configs/134m_zero2.json \
 #              --steps 2000 --batch-size 512
+# The venv's bin/ first on PATH, as in the tests: its ninja builds DeepSpeed's CPU comm op (two
+# ninja versions on one build directory rebuild each other's work; docs/NATIVE_OPS.md).
 demo: setup
-	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus 2 --module stratopt_ds.train \
+	PATH="$(abspath $(VENV))/bin:$$PATH" OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus 2 --module stratopt_ds.train \
 	  --deepspeed_config ds_configs/tiny_zero2_cpu.json --data synthetic --steps 60 --batch-size 16 \
 	  --out runs/demo
 
