@@ -21,7 +21,6 @@ from stratopt_ds.train_config import TrainConfig
 from helpers import DIVERGING_ARM, edited_plan
 
 ROOT = Path(__file__).resolve().parents[1]
-CI_PLAN = ROOT / "stratopt_ds" / "study" / "plans" / "ci_tiny.yaml"
 
 
 def write_plan(directory: Path, edit=None) -> Path:

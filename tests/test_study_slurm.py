@@ -15,8 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-import yaml
-from helpers import wait_for_logged_step
+from helpers import CI_PLAN, edited_plan, wait_for_logged_step
 
 from stratopt_ds.study.__main__ import main as study_main
 from stratopt_ds.study.results import read_json
@@ -24,8 +23,6 @@ from stratopt_ds.study.runner import run_study, study_status
 from stratopt_ds.study.slurm import JOB_FILE, SlurmOptions, job_state
 
 pytestmark = [pytest.mark.slurm, pytest.mark.dist]
-ROOT = Path(__file__).resolve().parents[1]
-CI_PLAN = ROOT / "stratopt_ds" / "study" / "plans" / "ci_tiny.yaml"
 
 
 @pytest.fixture
@@ -41,13 +38,7 @@ def summaries(out: Path) -> dict[str, dict]:
 
 
 def plan_file(tmp_path: Path, name: str, **changes) -> Path:
-    raw = yaml.safe_load(CI_PLAN.read_text())
-    raw["name"] = name
-    for key, value in changes.items():
-        raw[key] = value
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return edited_plan(tmp_path / f"{name}.yaml", name=name, **changes)
 
 
 def options(**kwargs) -> SlurmOptions:

@@ -35,7 +35,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
 
-from ..preemption import EXIT_STOPPED
+from ..preemption import EXIT_STOPPED, signal_of
 
 JOB_FILE = "slurm.json"
 ACTIVE = ("PENDING", "CONFIGURING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
@@ -169,8 +169,7 @@ class TrainJob:
 
 def stop_signal() -> signal.Signals:
     """The warning signal submitit asks slurm for (``SUBMITIT_PREEMPT_SIGNAL``, default USR2)."""
-    name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2").upper().removeprefix("SIG")
-    return signal.Signals[f"SIG{name}"]
+    return signal_of(os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
 
 
 def node_address(node: str) -> str:
