@@ -157,3 +157,20 @@ def test_a_study_with_a_diverged_run_exits_1_and_names_only_that_run(tmp_path, c
     ok_plan = write_plan(tmp_path, lambda raw: (edit(raw), raw["arms"].pop()))
     assert study_cli.main(["run", str(ok_plan), "--out", str(out), "--no-progress"]) == 0
     assert "FAILED" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, plan_slurm, words", [
+    (["--max-timeouts", "-1"], {}, ["--max-timeouts", "slurm.max_timeouts", ">= 0", "-1"]),
+    (["--nodes-per-run", "0"], {}, ["--nodes-per-run", ">= 1", "got 0"]),
+    (["--mem-gb", "0"], {}, ["--mem-gb", "> 0"]),
+    ([], {"time_min": 1}, ["--signal-delay-s", "shorter than the time limit (60 s)", "120"]),
+])
+def test_bad_slurm_options_stop_before_anything_is_written(tmp_path, capsys, flags, plan_slurm,
+                                                           words):
+    plan = write_plan(tmp_path, lambda raw: raw.update(slurm=plan_slurm) if plan_slurm else None)
+    out = tmp_path / "out"
+    assert study_cli.main(["run", str(plan), "--out", str(out), "--executor", "slurm",
+                           *flags]) == 2
+    err = capsys.readouterr().err
+    assert all(w in err for w in words), err
+    assert not out.exists()

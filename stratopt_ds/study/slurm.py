@@ -59,6 +59,29 @@ class SlurmOptions:
     max_timeouts: int = 10                  # requeues on reaching the time limit, then the run fails
     extra: list[str] = field(default_factory=list)   # more sbatch options, "--key=value"
 
+    # lower bounds of the integer options (None: slurm's default)
+    BOUNDS = {"time_min": 1, "nodes_per_run": 1, "gpus_per_node": 0, "ranks_per_node": 1,
+              "cpus_per_task": 1, "max_running": 1, "signal_delay_s": 0, "max_timeouts": 0}
+
+    def __post_init__(self) -> None:
+        """Every bound, before anything is written or submitted; the message names the option
+        as the command line and a plan's ``slurm:`` section spell it."""
+        from .plan import PlanError
+
+        def bad(name: str, rule: str) -> PlanError:
+            value = getattr(self, name)
+            return PlanError(f"slurm option --{name.replace('_', '-')} (plan: slurm.{name}) must "
+                             f"be {rule}, got {value!r}")
+
+        for name, low in self.BOUNDS.items():
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise bad(name, f"an integer >= {low}")
+        if self.mem_gb is not None and not self.mem_gb > 0:
+            raise bad("mem_gb", "> 0")
+        if self.signal_delay_s >= 60 * self.time_min:
+            raise bad("signal_delay_s", f"shorter than the time limit ({60 * self.time_min} s)")
+
     @property
     def ranks(self) -> int:
         return self.ranks_per_node or self.gpus_per_node or 1
