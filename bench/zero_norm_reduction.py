@@ -6,6 +6,13 @@ For each ZeRO stage it trains the tiny LLaMA preset with torch AdamW and with St
 same launch, and times (median over steps) the whole engine step (forward, backward, step) and
 StratOpt's norm phase: local fragment sums of squares, the waiting groups' sums, and the one
 all-reduce. The figure of merit is norm phase / AdamW step.
+
+Under tensor or pipeline parallelism the norm vector is still reduced once, over every rank
+(pipeline x tensor x data), not once over the data-parallel group and again over the
+model-parallel group: every element of every layer lives on exactly one rank (a replicated
+tensor counts on TP rank 0 only), so one SUM is exact. At 4 ranks the second table times both
+ways on length-L float64 vectors (L: the layer count at block, tensor and a large granularity):
+one all-reduce over 4 ranks against two over 2-rank groups in sequence.
 """
 from __future__ import annotations
 
@@ -46,15 +53,14 @@ def worker(out: str, steps: int, warmup: int) -> None:
     sys.path.insert(0, str(ROOT))
     from stratopt_ds import create_optimizer, models
     from stratopt_ds.deepspeed import release_cpu_comm_shm
-    from stratopt_ds.zero import binding, reduction
+    from stratopt_ds.zero import binding
 
     deepspeed.init_distributed(dist_backend="gloo")
     release_cpu_comm_shm()
     rank, world = dist.get_rank(), dist.get_world_size()
     watch = Stopwatch()
-    binding.local_layer_sq = watch.wrap(binding.local_layer_sq)  # the ZeRO strategy's local sums
-    binding.ZeroBinding.add_pending = watch.wrap(binding.ZeroBinding.add_pending)
-    reduction.LayerSqAllReduce.__call__ = watch.wrap(reduction.LayerSqAllReduce.__call__)
+    # the norm phase: local fragment sums, the waiting groups' sums and the one all-reduce
+    binding.ZeroBinding.layer_sq = watch.wrap(binding.ZeroBinding.layer_sq)
 
     rows = []
     for stage in (1, 2, 3):
@@ -83,9 +89,38 @@ def worker(out: str, steps: int, warmup: int) -> None:
             rows.append({"stage": stage, "optimizer": name, "world": world,
                          "step_ms": 1e3 * statistics.median(step_times),
                          "norm_ms": 1e3 * statistics.median(norm_times)})
+    if world == 4:
+        rows += one_or_two_collectives(rank)
     if rank == 0:
         Path(out).write_text(json.dumps(rows))
     dist.barrier()
+
+
+def one_or_two_collectives(rank: int, reps: int = 300) -> list[dict]:
+    """Median seconds of one all-reduce over 4 ranks vs. two over 2-rank groups (data, then
+    model parallel: the groups of a 2 x 2 layout), for norm vectors of length L."""
+    import torch
+    import torch.distributed as dist
+
+    data = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    model = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    mine_data, mine_model = data[rank // 2], model[rank % 2]
+    rows = []
+    for length in (34, 291, 16384):  # 7b: 32 blocks + 2 (block), 291 tensors; a large L
+        vec = torch.ones(length, dtype=torch.float64)
+        for how in ("one", "two"):
+            times = []
+            for _ in range(reps):
+                dist.barrier()
+                start = time.perf_counter()
+                if how == "one":
+                    dist.all_reduce(vec)
+                else:
+                    dist.all_reduce(vec, group=mine_data)
+                    dist.all_reduce(vec, group=mine_model)
+                times.append(time.perf_counter() - start)
+            rows.append({"collectives": how, "length": length, "us": 1e6 * statistics.median(times)})
+    return rows
 
 
 def main() -> None:
@@ -107,6 +142,8 @@ def main() -> None:
                    "--steps", str(args.steps), "--warmup", str(args.warmup)]
             subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
             rows += json.loads(Path(out).read_text())
+    collectives = [r for r in rows if "collectives" in r]
+    rows = [r for r in rows if "collectives" not in r]
     print(f"{'ranks':>5} {'stage':>5} {'AdamW step ms':>14} {'StratOpt step ms':>17} "
           f"{'norm phase ms':>14} {'norm / AdamW step':>18}")
     for world in sorted({r["world"] for r in rows}):
@@ -115,6 +152,13 @@ def main() -> None:
             ours = next(r for r in rows if (r["world"], r["stage"], r["optimizer"]) == (world, stage, "stratopt"))
             print(f"{world:>5} {stage:>5} {adamw['step_ms']:>14.2f} {ours['step_ms']:>17.2f} "
                   f"{ours['norm_ms']:>14.3f} {ours['norm_ms'] / adamw['step_ms']:>18.3f}")
+    if collectives:
+        print(f"\n4 ranks as 2 x 2: the norm vector's reduction, median us\n"
+              f"{'L':>6} {'one over 4 ranks':>17} {'two over 2+2':>13} {'two / one':>10}")
+        for length in sorted({r["length"] for r in collectives}):
+            one, two = (next(r["us"] for r in collectives if (r["length"], r["collectives"]) == (length, how))
+                        for how in ("one", "two"))
+            print(f"{length:>6} {one:>17.1f} {two:>13.1f} {two / one:>10.2f}")
 
 
 if __name__ == "__main__":

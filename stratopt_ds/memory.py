@@ -1,6 +1,7 @@
 """Memory planner: the model-state memory of a preset under DeepSpeed ZeRO, per GPU and per node.
 
-``python -m stratopt_ds.memory --preset 7b --nodes 8 --gpus-per-node 8 [--optimizer stratopt]``
+``python -m stratopt_ds.memory --preset 7b --nodes 8 --gpus-per-node 8 [--optimizer stratopt]
+[--tp 4 --pp 2]`` (also ``python -m stratopt_ds.plan``)
 
 It counts *model states* only -- no activations, communication buckets, allocator fragmentation
 or CUDA context -- with the accounting of DeepSpeed's own estimators
@@ -21,6 +22,18 @@ AdamW its totals are theirs. Assumptions, per parameter, with N GPUs in all:
   building the model: every local rank materialises it in fp32 (4 B/param), ZeRO-3 one layer at
   a time (``deepspeed.zero.Init``); times ``cpu_buffer_factor`` (DeepSpeed's
   ``additional_buffer_factor``, 1.5 by default there and here).
+
+Tensor (``--tp``, DeepSpeed AutoTP) and pipeline (``--pp``, ``PipelineModule``) parallelism:
+a rank holds the parameters of its pipeline stage (the larger of the first, with the embedding,
+and the last, with the head and final norm; ``ceil(layers / pp)`` blocks each), of which AutoTP
+splits the attention and MLP matrices and the (untied) LM head ``tp`` ways, as HF's LLaMA
+``tp_plan`` does, while the embedding and the RMSNorm weights stay whole on every TP rank
+(:func:`rank_params`). ZeRO then partitions over the data-parallel group, ``N / (tp x pp)``
+ranks. stratopt_ds supports pipelines at ZeRO 1 (DeepSpeed's pipeline engine runs 0 or 1; at 0
+there is no ZeRO wrapper to bind) and AutoTP at ZeRO 1 or 2, so only those stages are planned
+for such layouts. A tied embedding is counted whole on every rank (the tied presets are the
+small ones, not TP targets; how AutoTP splits a tied head is not modelled). Under AutoTP every rank first builds
+the whole model in fp32 (then it is split), which sets the CPU build peak.
 
 Two differences from DeepSpeed's host-memory numbers (GPU numbers are the same): its ZeRO-2
 offload estimate neither divides the offloaded states by the number of nodes nor counts the
@@ -63,6 +76,36 @@ def largest_layer_params(config) -> int:
     return max(config.vocab_size * d, d * q + q * ab, q * d + d * ab, d * ff + ff * mb, ff * d + d * mb)
 
 
+def rank_params(config, tp: int = 1, pp: int = 1) -> int:
+    """Parameters one rank holds under ``tp``-way AutoTP and a ``pp``-stage pipeline (the
+    busier of the first and last stages); ``models.count_parameters`` at tp = pp = 1."""
+    d, ff, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
+    heads = config.num_attention_heads
+    kv_heads = config.num_key_value_heads or heads
+    head_dim = getattr(config, "head_dim", None) or d // heads
+    q, kv = heads * head_dim, kv_heads * head_dim
+    split = d * q + 2 * d * kv + q * d + 3 * d * ff         # q, k, v, o; gate, up, down
+    whole = 2 * d                                             # the two RMSNorm weights
+    if config.attention_bias:
+        split, whole = split + q + 2 * kv, whole + d          # column biases split, o's whole
+    if config.mlp_bias:
+        split, whole = split + 2 * ff, whole + d
+    block = -(-split // tp) + whole
+    blocks = -(-config.num_hidden_layers // pp)
+    embedding = vocab * d
+    head = 0 if config.tie_word_embeddings and pp == 1 else -(-vocab * d // tp)
+    if pp == 1:
+        return blocks * block + embedding + head + d
+    return max(blocks * block + embedding, blocks * block + head + d)
+
+
+def layout_stages(tp: int, pp: int) -> tuple[int, ...]:
+    """The ZeRO stages stratopt_ds runs a layout at: pipelines 1, AutoTP 1-2."""
+    if pp > 1:
+        return (1,)
+    return (1, 2) if tp > 1 else STAGES
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     """Bytes per GPU of each model state (``offload``: states are in host memory) and per node of CPU."""
@@ -77,6 +120,8 @@ class MemoryPlan:
     cpu_states: float  # per node: the offloaded partitions of its GPUs
     cpu_build: float   # per node: building the model (fp32 on every local rank)
     cpu_buffer_factor: float = 1.5
+    tp: int = 1
+    pp: int = 1
 
     @property
     def cpu_per_node(self) -> float:
@@ -90,43 +135,74 @@ class MemoryPlan:
 
 
 def plan(total_params: int, largest_layer: int, nodes: int, gpus_per_node: int, stage: int,
-         offload: bool = False, optimizer: str = "adamw", cpu_buffer_factor: float = 1.5) -> MemoryPlan:
-    """The memory of one ZeRO ``stage`` (see the module docstring for the assumptions)."""
+         offload: bool = False, optimizer: str = "adamw", cpu_buffer_factor: float = 1.5,
+         tp: int = 1, pp: int = 1, params_per_rank: Optional[int] = None) -> MemoryPlan:
+    """The memory of one ZeRO ``stage`` (see the module docstring for the assumptions); under
+    ``tp`` x ``pp`` model parallelism a rank holds ``params_per_rank`` (:func:`rank_params`)."""
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage}")
     if offload and stage == 0:
         raise ValueError("optimizer offload needs ZeRO stage 1, 2 or 3")
-    if min(total_params, largest_layer, nodes, gpus_per_node) < 1:
-        raise ValueError("total_params, largest_layer, nodes and gpus_per_node must be >= 1")
+    if min(total_params, largest_layer, nodes, gpus_per_node, tp, pp) < 1:
+        raise ValueError("total_params, largest_layer, nodes, gpus_per_node, tp and pp must be >= 1")
     n = nodes * gpus_per_node
-    p = total_params
-    part = 1 if stage == 0 else n                     # how the fp32 optimizer side is divided
-    params = 2 * p / (n if stage == 3 else 1)
-    grads16 = {0: 2 * p, 1: 2 * p, 2: 0 if offload else 2 * p / n, 3: 0}[stage]
+    if n % (tp * pp):
+        raise ValueError(f"tp x pp = {tp} x {pp} does not divide the {n} GPUs")
+    if stage not in layout_stages(tp, pp):
+        raise ValueError(f"ZeRO stage {stage} with tp={tp}, pp={pp}: expected one of {layout_stages(tp, pp)}")
+    if (tp > 1 or pp > 1) and params_per_rank is None:
+        raise ValueError("tensor or pipeline parallelism needs params_per_rank (rank_params)")
+    dp = n // (tp * pp)                               # the data-parallel group ZeRO partitions over
+    p = params_per_rank or total_params
+    part = 1 if stage == 0 else dp                    # how the fp32 optimizer side is divided
+    params = 2 * p / (dp if stage == 3 else 1)
+    grads16 = {0: 2 * p, 1: 2 * p, 2: 0 if offload else 2 * p / dp, 3: 0}[stage]
     grads32, master, states = 4 * p / part, 4 * p / part, state_bytes(optimizer) * p / part
     layer = 4 * largest_layer if stage == 3 else 0
     offloaded = gpus_per_node * (grads32 + master + states) if offload else 0
-    build = 4 * gpus_per_node * (largest_layer if stage == 3 else p)
+    built = largest_layer if stage == 3 else total_params if tp > 1 else p  # AutoTP splits after
+    build = 4 * gpus_per_node * built
     return MemoryPlan(stage, offload, params, grads16, grads32, master, states, layer, offloaded, build,
-                cpu_buffer_factor)
+                      cpu_buffer_factor, tp, pp)
 
 
 def plans(total_params: int, largest_layer: int, nodes: int, gpus_per_node: int,
           optimizer: str = "adamw", offload: Optional[bool] = None,
-          cpu_buffer_factor: float = 1.5) -> list[MemoryPlan]:
-    """Every stage without offload, then stages 1-3 with it (``offload`` True/False: only those)."""
-    cases = [(s, False) for s in STAGES] + [(s, True) for s in STAGES[1:]]
-    return [plan(total_params, largest_layer, nodes, gpus_per_node, s, o, optimizer, cpu_buffer_factor)
+          cpu_buffer_factor: float = 1.5, tp: int = 1, pp: int = 1,
+          params_per_rank: Optional[int] = None) -> list[MemoryPlan]:
+    """Every stage the layout runs without offload, then with it (``offload`` True/False: only those)."""
+    stages = layout_stages(tp, pp)
+    cases = [(s, False) for s in stages] + [(s, True) for s in stages if s > 0]
+    return [plan(total_params, largest_layer, nodes, gpus_per_node, s, o, optimizer, cpu_buffer_factor,
+                 tp, pp, params_per_rank)
             for s, o in cases if offload is None or o == offload]
+
+
+def layouts(config, nodes: int, gpus_per_node: int, optimizer: str = "adamw",
+            cpu_buffer_factor: float = 1.5) -> list[MemoryPlan]:
+    """The model-parallel layouts of a cluster, without offload: AutoTP within a node (2, 4, 8
+    ways, ZeRO 1 and 2) and pipelines of 2-8 stages (ZeRO 1), alone and combined."""
+    total, largest, n = models.count_parameters(config), largest_layer_params(config), nodes * gpus_per_node
+    rows = []
+    for tp in (1, 2, 4, 8):
+        for pp in (1, 2, 4, 8):
+            if (tp, pp) == (1, 1) or tp > gpus_per_node or n % (tp * pp) or pp > config.num_hidden_layers:
+                continue
+            for stage in (s for s in layout_stages(tp, pp) if s > 0):
+                rows.append(plan(total, largest, nodes, gpus_per_node, stage, False, optimizer,
+                                 cpu_buffer_factor, tp, pp, rank_params(config, tp, pp)))
+    return rows
 
 
 def format_table(rows: list[MemoryPlan]) -> str:
     cols = ("params", "grads16", "grads32", "master", "states", "layer")
-    head = ["stage", "offload", "params bf16", "grads bf16", "grads fp32", "master fp32",
-            "opt states", "gathered", "GPU total", "CPU states/node", "CPU peak/node"]
+    parallel = any(r.tp > 1 or r.pp > 1 for r in rows)
+    head = (["tp", "pp"] if parallel else []) + [
+        "stage", "offload", "params bf16", "grads bf16", "grads fp32", "master fp32",
+        "opt states", "gathered", "GPU total", "CPU states/node", "CPU peak/node"]
     lines = []
     for r in rows:
-        cells = [str(r.stage), "cpu" if r.offload else "-"]
+        cells = ([str(r.tp), str(r.pp)] if parallel else []) + [str(r.stage), "cpu" if r.offload else "-"]
         for c in cols:
             v = getattr(r, c) / GIB
             host = r.offload and c in ("grads32", "master", "states")
@@ -152,14 +228,25 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="show only the rows with optimizer offload (default: with and without)")
     parser.add_argument("--cpu-buffer-factor", type=float, default=1.5,
                         help="host-memory margin, DeepSpeed's additional_buffer_factor (default: 1.5)")
+    parser.add_argument("--tp", type=int, default=1,
+                        help="tensor-parallel size (AutoTP; default 1): plan this layout only")
+    parser.add_argument("--pp", type=int, default=1,
+                        help="pipeline stages (PipelineModule; default 1): plan this layout only")
     args = parser.parse_args(argv)
     try:
         shape = preset_shape(args.preset)
     except ValueError as e:
         parser.error(f"--preset: {e}")
-    for option, value in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node)):
+    for option, value in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node),
+                          ("--tp", args.tp), ("--pp", args.pp)):
         if value < 1:
             parser.error(f"{option} must be >= 1, got {value}")
+    n = args.nodes * args.gpus_per_node
+    if n % (args.tp * args.pp):
+        parser.error(f"--tp {args.tp} x --pp {args.pp} must divide the {n} GPUs "
+                     f"(--nodes {args.nodes} x --gpus-per-node {args.gpus_per_node})")
+    if args.pp > shape.num_hidden_layers:
+        parser.error(f"--pp {args.pp}: {args.preset} has only {shape.num_hidden_layers} blocks to split")
     if not args.cpu_buffer_factor > 0:
         parser.error(f"--cpu-buffer-factor must be > 0, got {args.cpu_buffer_factor}")
     if args.optimizer not in available_optimizers():
@@ -167,7 +254,6 @@ def main(argv: Optional[list[str]] = None) -> None:
                      f"available: {', '.join(available_optimizers())}")
 
     total, largest = models.count_parameters(shape), largest_layer_params(shape)
-    n = args.nodes * args.gpus_per_node
     sb = state_bytes(args.optimizer)
     print(f"{args.preset}: {total / 1e9:.2f}B parameters (largest layer {largest / 1e6:.1f}M), "
           f"{args.nodes} node(s) x {args.gpus_per_node} GPUs = {n} GPUs, optimizer {args.optimizer}: "
@@ -175,8 +261,19 @@ def main(argv: Optional[list[str]] = None) -> None:
     print("GiB of model states per GPU (no activations or buffers); (x): offloaded to host memory, "
           "not in the GPU total.\nCPU peak/node: the offloaded states or building the fp32 model on "
           f"every local rank, whichever is larger; CPU columns x{args.cpu_buffer_factor:g} margin.\n")
+    tp, pp = args.tp, args.pp
+    if tp > 1 or pp > 1:
+        print(f"tp={tp} x pp={pp}: {rank_params(shape, tp, pp) / 1e9:.2f}B parameters per rank, "
+              f"ZeRO over {n // (tp * pp)} data-parallel ranks\n")
     print(format_table(plans(total, largest, args.nodes, args.gpus_per_node, args.optimizer,
-                             True if args.offload else None, args.cpu_buffer_factor)))
+                             True if args.offload else None, args.cpu_buffer_factor, tp, pp,
+                             rank_params(shape, tp, pp))))
+    if tp == pp == 1 and not args.offload:
+        rows = layouts(shape, args.nodes, args.gpus_per_node, args.optimizer, args.cpu_buffer_factor)
+        if rows:
+            print("\nWith tensor (AutoTP, within a node) and pipeline parallelism; ZeRO partitions "
+                  "over the remaining data-parallel ranks (--tp/--pp: one layout, with offload):\n")
+            print(format_table(rows))
 
 
 if __name__ == "__main__":

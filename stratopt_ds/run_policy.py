@@ -127,6 +127,17 @@ def optimizer_clip_mode(optimizer: Any) -> str:
     return optimizer.layer_options["clip"] if isinstance(optimizer, LayerwiseAdam) else "none"
 
 
+def tensor_parallel_size(config: dict) -> int:
+    """DeepSpeed AutoTP's ``tensor_parallel.autotp_size`` (1 without it)."""
+    return int((config.get("tensor_parallel") or {}).get("autotp_size", 1) or 1)
+
+
+def check_tensor_parallel(ranks: int, tp: int) -> None:
+    if ranks % tp:
+        raise PolicyError(f"tensor_parallel.autotp_size={tp} does not divide the {ranks} ranks; "
+                          "use a divisor of the number of ranks")
+
+
 def check_batch_split(batch_size: int, ranks: int, gas: int, setting: str = "--batch-size") -> None:
     """The global batch must split into ``ranks x gas`` equal micro-batches."""
     if batch_size % (ranks * gas):
@@ -292,11 +303,13 @@ def prepare(request: RunRequest) -> PreparedRun:
             del config["optimizer"]  # ours: the entry point builds it from the named parameters
         keep_client_optimizer(config)  # every entry point hands DeepSpeed a client optimizer
         config["gradient_clipping"] = engine_clip
-    if request.batch_size is not None:
-        check_batch_split(request.batch_size, request.ranks,
+    if request.batch_size is not None:  # split over the data-parallel ranks (a TP group shares)
+        tp = tensor_parallel_size(config) if config is not None else 1
+        check_tensor_parallel(request.ranks, tp)
+        check_batch_split(request.batch_size, request.ranks // tp,
                           accumulation_steps(config, names.config), names.batch)
         if config is not None:
-            notes += check_batch_fields(config, request.batch_size, request.ranks, names)
+            notes += check_batch_fields(config, request.batch_size, request.ranks // tp, names)
     if config is not None and request.deepspeed_checks:
         check_with_deepspeed(config, names)
     tokenizer = check_data(request.data, names.data) if request.data is not None else None

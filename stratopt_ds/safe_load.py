@@ -92,10 +92,12 @@ def verify_crc(path) -> None:
 REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+) was not an allowed global")
 
 
-def load(path, map_location: Any = "cpu", allow: Iterable[Any] = ()) -> Any:
+def load(path, map_location: Any = "cpu", allow: Iterable[Any] = (), mmap: bool = False) -> Any:
     """``torch.load(path, weights_only=True)`` with ``allow`` (classes, functions) permitted
     besides torch's own safe types; raise :class:`CheckpointError` naming the file when it is
-    missing, truncated or corrupted, or needs anything else to unpickle."""
+    missing, truncated or corrupted, or needs anything else to unpickle. ``mmap``: the tensors
+    map the file (zip files only) instead of being read into memory; only what is touched is
+    paged in."""
     problem = check_file(path)
     if problem is not None:
         raise unusable(path, problem)
@@ -104,7 +106,7 @@ def load(path, map_location: Any = "cpu", allow: Iterable[Any] = ()) -> Any:
         verify_crc(path)
     try:
         with torch.serialization.safe_globals(list(allow)):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and zipped)
     except pickle.UnpicklingError as e:
         refused = REFUSED_GLOBAL.search(str(e))
         if refused:

@@ -236,6 +236,9 @@ class SingleProcess:
     world, rank = 1, 0
     micro = None  # evaluation batches: no micro-batch split on one process
 
+    def layout(self) -> str:
+        return ""
+
     def __init__(self, run: ResolvedRun, model: nn.Module):
         config = run.config
         self.model = model
@@ -293,21 +296,29 @@ class DeepSpeedRun:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
         self.gas = run_policy.accumulation_steps(ds_config, config.deepspeed_config)
+        # tensor parallelism (AutoTP): the ranks of a TP group take the same micro-batches
+        self.tensor_parallel = run_policy.tensor_parallel_size(ds_config)
         self.check_ranks_agree(run)
-        self.micro = config.batch_size // (self.world * self.gas)
+        self.data_ranks = self.world // self.tensor_parallel
+        self.micro = config.batch_size // (self.data_ranks * self.gas)
         ds_config["train_micro_batch_size_per_gpu"] = self.micro
         ds_config.pop("train_batch_size", None)
         make_schedule = None if scheduler else (
             lambda opt: lr_schedule(opt, config.warmup_steps, config.steps))
         self.model, _, _, _ = initialize(model=model, config=ds_config, lr_scheduler=make_schedule)
         self.optimizer = self.model.basic_optimizer
+        self.data_rank = self.rank
+        if self.tensor_parallel > 1:
+            from deepspeed.utils import groups
+            self.data_rank = groups.get_data_parallel_rank()
 
     def check_ranks_agree(self, run: ResolvedRun) -> None:
         """What resolve() could not know before the process group: the true number of ranks
         (launchers that set no WORLD_SIZE, e.g. mpirun) and one data source on every rank
         ('--data auto' is decided per rank)."""
         try:
-            run_policy.check_batch_split(run.config.batch_size, self.world, self.gas)
+            run_policy.check_tensor_parallel(self.world, self.tensor_parallel)
+            run_policy.check_batch_split(run.config.batch_size, self.world // self.tensor_parallel, self.gas)
         except ValueError as e:
             raise SystemExit(str(e)) from None
         sources = [None] * self.world
@@ -320,6 +331,10 @@ class DeepSpeedRun:
 
     def lr(self) -> float:
         return self.model.get_lr()[0]
+
+    def layout(self) -> str:
+        """How the ranks split the model, for the header ('' for data parallelism alone)."""
+        return f" (tensor parallel {self.tensor_parallel})" if self.tensor_parallel > 1 else ""
 
     def engine_skipped_steps(self) -> int:
         """Steps DeepSpeed skipped itself on a gradient overflow: the optimizer never saw them.
@@ -337,7 +352,7 @@ class DeepSpeedRun:
         was); both ride in one all-reduce, the one the logged loss needs anyway."""
         losses = []
         for m in range(self.gas):
-            lo = (m * self.world + self.rank) * self.micro
+            lo = (m * self.data_ranks + self.data_rank) * self.micro
             x, y = batch.rows(lo, lo + self.micro)
             loss = lm_loss(self.model, x.to(self.model.device), y.to(self.model.device))
             self.model.backward(loss)
@@ -347,7 +362,7 @@ class DeepSpeedRun:
         packed = torch.stack([mean, torch.full_like(mean, float(stop))])  # no host-to-device copy
         self.dist.all_reduce(packed)  # on the model's device: NCCL reduces no CPU tensor
         loss_sum, stops = packed.tolist()
-        return loss_sum / self.world, stops > 0
+        return loss_sum / self.world, stops > 0  # (a TP group's ranks hold the same loss)
 
     def save(self, directory: Path, step: int, client: dict, identity: dict) -> None:
         resume.save_deepspeed(directory, step, self.model, client, identity)
@@ -410,7 +425,7 @@ class Trainer:
             for note in resolved.prepared.notes + ([stop.note] if stop.note else []):
                 print(f"note: {note}")
             print(f"{config.optimizer} {resolved.hyperparams} | {config.preset}: {n_params:,} params | "
-                  f"{backend.world} rank(s) | {store.summary()} | {len(training.train):,} train / "
+                  f"{backend.world} rank(s){backend.layout()} | {store.summary()} | {len(training.train):,} train / "
                   f"{len(training.val):,} val windows of {config.seq_len}")
 
         # Resume: weights, optimizer, schedule, data position, history. Or start afresh.

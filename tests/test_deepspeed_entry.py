@@ -75,8 +75,9 @@ def test_bad_hyperparameter_in_json_is_named():
                    config={"optimizer": {"type": "StratOpt", "params": {"clip_tau": -1}}})
 
 
-def test_model_parallelism_is_refused_before_deepspeed_starts(monkeypatch):
-    """An mpu or a pipeline model: the norm all-reduce would miss the model-parallel ranks."""
+def test_model_parallel_unit_is_refused_before_deepspeed_starts_and_a_pipeline_is_not(monkeypatch):
+    """An mpu: the norm all-reduce would miss the tensor-parallel ranks. A PipelineModule goes
+    through to DeepSpeed (the binding numbers its layers over every stage)."""
     import deepspeed
     import torch
 
@@ -85,7 +86,7 @@ def test_model_parallelism_is_refused_before_deepspeed_starts(monkeypatch):
 
     monkeypatch.setattr(deepspeed, "initialize", no_initialize)
     config = {"optimizer": {"type": "StratOpt"}, "zero_optimization": {"stage": 1}}
-    with pytest.raises(ValueError, match="mpu=object .*tensor, pipeline or sequence parallelism"):
+    with pytest.raises(ValueError, match="mpu=object .*tensor or sequence parallelism"):
         initialize(model=torch.nn.Linear(2, 2), config=config, mpu=object())
     from deepspeed.pipe import PipelineModule  # a subclass, as users write them (no process group here)
 
@@ -94,8 +95,14 @@ def test_model_parallelism_is_refused_before_deepspeed_starts(monkeypatch):
             torch.nn.Module.__init__(self)
             self.lin = torch.nn.Linear(2, 2)
 
-    with pytest.raises(ValueError, match="PipelineModule .*pipeline parallelism"):
+    with pytest.raises(AssertionError, match="deepspeed.initialize was reached"):
         initialize(model=Stages(), config=config)
+    with pytest.raises(ValueError, match="PipelineModule with zero_optimization.stage=0 .*no ZeRO "
+                                         "wrapper.*use zero_optimization.stage=1"):
+        initialize(model=Stages(), config={**config, "zero_optimization": {"stage": 0}})
+    with pytest.raises(ValueError, match="PipelineModule with zero_optimization.stage=2 .*engine runs "
+                                         "ZeRO stage 0 or 1; use zero_optimization.stage=1"):
+        initialize(model=Stages(), config={**config, "zero_optimization": {"stage": 2}})
 
 
 def test_release_cpu_comm_shm_unlinks_this_ranks_buffer():

@@ -52,14 +52,15 @@ def test_every_preset_and_stage_is_shipped():
         for stage in ("zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"):
             assert f"{preset}_{stage}.json" in names
     assert {"tiny_zero2_cpu.json", "1b_zero2_la.json", "3b_zero3_offload.json",
-            "7b_zero3_offload.json", "7b_zero3_hpz.json"} <= names
+            "7b_zero3_offload.json", "7b_zero3_hpz.json", "3b_autotp2_zero1.json",
+            "7b_autotp4_zero1.json"} <= names
     assert (CONFIG_DIR / "README.md").exists()
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_is_ready_to_run(path, monkeypatch):
     cfg = load_config(str(path))
-    assert "auto" not in path.read_text()
+    assert '"auto"' not in path.read_text()  # every value concrete
     name = resolve_optimizer_name(cfg["optimizer"]["type"])
     assert name in stratopt_ds.available_optimizers()
     ready, optimizer = prepared(cfg)
@@ -70,23 +71,26 @@ def test_config_is_ready_to_run(path, monkeypatch):
     assert cfg.get("gradient_clipping", 0.0) == 0.0 or not clips
     assert ready["gradient_clipping"] > 0 or clips  # and one that does not clip gets the engine's
 
-    # Stage, offload and precision are what the file name says.
-    m = re.match(r"(tiny|134m|500m|1b|3b|7b)_zero(\d)(_offload)?(_hpz)?", path.name)
+    # Stage, tensor parallelism, offload and precision are what the file name says.
+    m = re.match(r"(tiny|134m|500m|1b|3b|7b)_(?:autotp(\d)_)?zero(\d)(_offload)?(_hpz)?", path.name)
+    tp, stage, offload, hpz = int(m[2] or 1), int(m[3]), m[4], m[5]
     zero = cfg["zero_optimization"]
-    assert zero["stage"] == int(m[2])
-    assert zero.get("offload_optimizer", {}).get("device", "none") == ("cpu" if m[3] else "none")
-    assert zero.get("zero_hpz_partition_size", 1) == (8 if m[4] else 1)  # hpZ within a node of 8
+    assert zero["stage"] == stage
+    assert zero.get("offload_optimizer", {}).get("device", "none") == ("cpu" if offload else "none")
+    assert zero.get("zero_hpz_partition_size", 1) == (8 if hpz else 1)  # hpZ within a node of 8
+    assert cfg.get("tensor_parallel", {}).get("autotp_size", 1) == tp
     assert cfg["bf16"]["enabled"] is (m[1] != "tiny") and "fp16" not in cfg
-    if m[3]:
+    if offload:
         assert ready["zero_force_ds_cpu_optimizer"] is False
     assert ready["zero_allow_untested_optimizer"] is True
 
-    # Batch arithmetic, checked by DeepSpeed itself for the world size the config is written for.
-    world = WORLD.get(path.name, DEFAULT_WORLD)
+    # Batch arithmetic, checked by DeepSpeed itself for the world size the config is written for
+    # (split over the data-parallel ranks: a tensor-parallel group shares its micro-batches).
+    data_world = WORLD.get(path.name, DEFAULT_WORLD) // tp
     micro, accum = cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]
-    assert cfg["train_batch_size"] == micro * accum * world
-    ds = validated(ready, world, monkeypatch)
-    assert (ds.world_size, ds.zero_optimization_stage) == (world, int(m[2]))
+    assert cfg["train_batch_size"] == micro * accum * data_world
+    ds = validated(ready, data_world, monkeypatch)
+    assert (ds.world_size, ds.zero_optimization_stage) == (data_world, stage)
     assert ds.train_batch_size == cfg["train_batch_size"] and ds.scheduler_name == "WarmupCosineLR"
 
 

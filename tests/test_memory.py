@@ -99,11 +99,70 @@ def test_cli_prints_every_stage_for_7b_on_64_gpus():
     proc = subprocess.run([sys.executable, "-m", "stratopt_ds.memory", "--preset", "7b", "--nodes", "8",
                            "--gpus-per-node", "8"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    out = proc.stdout
+    out, layouts = proc.stdout.split("With tensor")
     assert "6.74B parameters" in out and "64 GPUs" in out and "12 B/param" in out
     rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["0"], ["1"], ["2"], ["3"])]
     assert [(r[0], r[1]) for r in rows] == [("0", "-"), ("1", "-"), ("2", "-"), ("3", "-"),
                                             ("1", "cpu"), ("2", "cpu"), ("3", "cpu")]
+    rows = [line.split() for line in layouts.splitlines() if line.split()[:1] in (["1"], ["2"], ["4"], ["8"])]
+    seen = {(int(r[0]), int(r[1]), int(r[2])) for r in rows}  # tp, pp, stage
+    assert {(2, 1, 1), (2, 1, 2), (8, 1, 1), (1, 2, 1), (1, 8, 1), (4, 2, 1)} <= seen
+    assert all(stage == 1 for tp, pp, stage in seen if pp > 1) and all(tp <= 8 for tp, _, _ in seen)
+
+
+def test_rank_params_split_what_hf_tp_plan_splits_and_stages_hold_their_blocks():
+    """Against the built tiny LLaMA: AutoTP splits the tensors HF's LLaMA ``tp_plan`` names
+    (q/k/v/o, gate/up/down, lm_head), the rest stays whole; a pipeline stage holds its blocks plus
+    the embedding (first) or the final norm and head (last). tp = pp = 1: the whole model."""
+    import re
+
+    model = models.build_model("tiny")
+    shape = memory.preset_shape("tiny")
+    plan = {**model.config.base_model_tp_plan, "lm_head": "colwise_rep"}
+    patterns = [re.compile(p.replace(".", r"\.").replace("*", r"\d+")) for p in plan]
+    named = {n: p.numel() for n, p in model.named_parameters()}
+    assert memory.rank_params(shape) == sum(named.values()) == models.count_parameters(shape)
+    for tp in (2, 4):
+        split = sum(v for n, v in named.items() if any(p.search(n) for p in patterns))
+        assert 0 < split < sum(named.values())
+        whole = sum(named.values()) - split
+        assert abs(memory.rank_params(shape, tp) - (split / tp + whole)) <= 2 * shape.num_hidden_layers + 1
+
+    def block(name):
+        m = re.search(r"layers\.(\d+)\.", name)
+        return int(m[1]) if m else None
+
+    first = sum(v for n, v in named.items() if block(n) == 0 or "embed" in n)
+    last = sum(v for n, v in named.items() if block(n) == 1 or "lm_head" in n or n == "model.norm.weight")
+    assert memory.rank_params(shape, 1, 2) == max(first, last)
+
+
+def test_model_parallel_layouts_partition_over_the_data_parallel_ranks():
+    shape = memory.preset_shape("7b")
+    total, largest = SHAPES["7b"]
+    base = memory.plan(total, largest, 1, 8, 1, optimizer="stratopt")
+    for tp, pp in ((2, 1), (1, 2), (2, 2), (8, 1)):
+        per_rank = memory.rank_params(shape, tp, pp)
+        row = memory.plan(total, largest, 1, 8, 1, False, "stratopt", 1.5, tp, pp, per_rank)
+        dp = 8 // (tp * pp)
+        assert row.params == 2 * per_rank and row.master == pytest.approx(4 * per_rank / dp)
+        assert row.gpu < base.gpu and row.tp == tp and row.pp == pp
+    with pytest.raises(ValueError, match="stage 2 with tp=1, pp=2"):
+        memory.plan(total, largest, 1, 8, 2, tp=1, pp=2, params_per_rank=1)
+    with pytest.raises(ValueError, match="stage 3 with tp=2"):
+        memory.plan(total, largest, 1, 8, 3, tp=2, params_per_rank=1)
+    with pytest.raises(ValueError, match="does not divide the 8 GPUs"):
+        memory.plan(total, largest, 1, 8, 1, tp=3, params_per_rank=1)
+
+
+def test_plan_module_runs_the_planner_for_one_layout():
+    proc = subprocess.run([sys.executable, "-m", "stratopt_ds.plan", "--preset", "7b", "--tp", "4",
+                           "--pp", "2", "--nodes", "2"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "tp=4 x pp=2" in proc.stdout and "ZeRO over 2 data-parallel ranks" in proc.stdout
+    rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:2] == ["4", "2"]]
+    assert [(r[2], r[3]) for r in rows] == [("1", "-"), ("1", "cpu")]
+    assert "With tensor" not in proc.stdout
 
 
 def test_cli_never_builds_the_model(monkeypatch, capsys):
@@ -124,6 +183,9 @@ def test_cli_never_builds_the_model(monkeypatch, capsys):
     (["--preset", "7b", "--optimizer", "sgd"], ["--optimizer", "'sgd'", "stratopt"]),
     (["--preset", "7b", "--cpu-buffer-factor", "0"], ["--cpu-buffer-factor must be > 0"]),
     (["--preset", "7b", "--nodes", "two"], ["--nodes", "invalid int value"]),
+    (["--preset", "7b", "--tp", "3"], ["--tp 3 x --pp 1 must divide the 8 GPUs"]),
+    (["--preset", "7b", "--pp", "0"], ["--pp must be >= 1, got 0"]),
+    (["--preset", "tiny", "--pp", "4", "--gpus-per-node", "4"], ["--pp 4", "only 2 blocks"]),
 ])
 def test_cli_errors_name_the_option(argv, words, capsys):
     assert_usage_error(memory.main, argv, words, capsys)

@@ -343,3 +343,26 @@ def test_logged_statistics_match_the_optimizer_state():
         assert s["clip_events"] == sum(opt.layer_clip_counts().values())
         assert s["skipped_steps"] == opt.skipped_steps == (1 if step >= 5 else 0)
     assert s["clip_events"] > 0
+
+
+def test_number_layers_globally_renumbers_a_stage_before_its_first_step_only():
+    """A pipeline stage's optimizer takes the whole pipeline's numbering: its tensors keep their
+    layers by name, the others exist (L of the whole model, depths of the whole model)."""
+    stage = TinyNet()
+    whole = [f"x.{n}" for n in ("embed.weight",)] + [n for n, _ in TinyNet().named_parameters()]
+    opt = stratopt_ds.create_optimizer("la-sqrt-b1depth-cliplayer", stage, granularity="block")
+    opt.number_layers_globally(whole)
+    layout = opt.base_layer_map.layout
+    assert layout.layer_names[0] == "x.embed.weight" and opt.layer_stats.num_layers == layout.num_layers
+    for p in stage.parameters():
+        (frag,) = opt.base_layer_map.fragments_of(p)
+        assert frag.length == p.numel() and layout.layer_names[frag.layer] != "x.embed.weight"
+    compute_grads(stage, 0)
+    opt.step()
+    assert opt.layer_stats.count.tolist() == [1.0] * layout.num_layers  # the ids every rank shares
+    assert float(opt.last_step.norms[0]) == 0 and float(opt.last_step.norms[1:].min()) > 0
+    with pytest.raises(ValueError, match="after the first step"):
+        opt.number_layers_globally(whole)
+    fresh = stratopt_ds.create_optimizer("stratopt", TinyNet())
+    with pytest.raises(ValueError, match="lack this optimizer's"):
+        fresh.number_layers_globally(whole[:3])

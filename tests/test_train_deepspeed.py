@@ -91,9 +91,10 @@ def test_deepspeed_launcher_trains_stratopt_from_the_config_and_resumes(tmp_path
     assert again["data_state"] == summary["data_state"]
 
 
-def run_launch(out: Path, *args: str, config: str = "tiny_zero2_cpu.json") -> tuple[subprocess.CompletedProcess, int]:
+def run_launch(out: Path, *args: str, config: str = "tiny_zero2_cpu.json",
+               ranks: int = 2) -> tuple[subprocess.CompletedProcess, int]:
     port = free_port()
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port),
            "--module", "stratopt_ds.train", "--deepspeed_config", config, "--batch-size", "16",
            "--out", str(out), "--no-progress", "--no-tensorboard", "--data", "synthetic",
            "--max-docs", "300", *args]
@@ -102,10 +103,15 @@ def run_launch(out: Path, *args: str, config: str = "tiny_zero2_cpu.json") -> tu
     return proc, port
 
 
-def test_a_run_deepspeed_skips_is_reported_diverged_and_autotp_is_refused(tmp_path):
+def test_a_run_deepspeed_skips_is_reported_diverged_and_autotp_trains_the_unsplit_model(tmp_path):
     """DeepSpeed skips overflowing steps before our optimizer sees them: they still count as
-    skipped steps, so --diverge-after stops the run (exit 3, status diverged). And a
-    tensor-parallel config is refused on every rank before any process group."""
+    skipped steps, so --diverge-after stops the run (exit 3, status diverged).
+
+    Tensor parallelism: the tiny LLaMA under AutoTP (2 ranks, TP2, ZeRO-1: q/k/v/o, the MLP
+    and the vocabulary-parallel head split by DeepSpeed along HF's tp_plan, the RMSNorm weights
+    and the embedding whole on both ranks) logs the per-layer norms and losses of the same run
+    on 1 rank; the TP pair reads the same micro-batches. AutoTP with ZeRO-3 is refused on every
+    rank before any process group."""
     proc, port = run_launch(tmp_path / "diverged", "--steps", "40", "--lr", "1e30",
                             "--diverge-after", "5", "--eval-batches", "1",
                             config=str(ROOT / "ds_configs" / "tiny_zero2_cpu.json"))
@@ -119,10 +125,29 @@ def test_a_run_deepspeed_skips_is_reported_diverged_and_autotp_is_refused(tmp_pa
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
     config = json.loads((ROOT / "ds_configs" / "tiny_zero2_cpu.json").read_text())
+    config["zero_optimization"]["stage"] = 1
+    (tmp_path / "one.json").write_text(json.dumps(config))
     config["tensor_parallel"] = {"autotp_size": 2}
     (tmp_path / "tp.json").write_text(json.dumps(config))
-    proc, _ = run_launch(tmp_path / "tp", "--steps", "4", config=str(tmp_path / "tp.json"))
+    logs = {}
+    for name, ranks in (("one", 1), ("tp", 2)):
+        proc, _ = run_launch(tmp_path / name, "--steps", "6", "--eval-batches", "1",
+                             config=str(tmp_path / f"{name}.json"), ranks=ranks)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert ("2 rank(s) (tensor parallel 2)" in proc.stdout) is (name == "tp")
+        logs[name] = [r for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
+                      if "loss" in r]
+    assert len(logs["tp"]) == len(logs["one"]) == 6
+    for one, tp in zip(logs["one"], logs["tp"]):
+        assert abs(tp["loss"] - one["loss"]) <= 1e-5 * abs(one["loss"]), (one["step"], tp["loss"], one["loss"])
+        assert len(tp["layer_norms"]) == len(one["layer_norms"])
+        worst = max(abs(a - b) / abs(b) for a, b in zip(tp["layer_norms"], one["layer_norms"]))
+        assert worst <= 1e-5, (one["step"], worst)
+
+    config["zero_optimization"]["stage"] = 3
+    (tmp_path / "tp3.json").write_text(json.dumps(config))
+    proc, _ = run_launch(tmp_path / "tp3", "--steps", "4", config=str(tmp_path / "tp3.json"))
     assert proc.returncode != 0
-    assert proc.stderr.count("tensor_parallel.autotp_size=2 is not supported by stratopt_ds") == 2
+    assert proc.stderr.count("tensor_parallel.autotp_size=2 with zero_optimization.stage=3") == 2
     assert "Initializing TorchBackend" not in proc.stdout + proc.stderr  # no process group started
-    assert not (tmp_path / "tp").exists()  # nothing written
+    assert not (tmp_path / "tp3").exists()  # nothing written

@@ -36,7 +36,7 @@ from typing import Any, Optional
 from .. import run_policy
 from ..optim import available_optimizers, create_optimizer
 from ..optim.optimizer import LayerwiseAdam
-from ..zero.support import check_model_parallel
+from ..zero.support import check_model_parallel, stage_of
 # offloads_optimizer and resolve_optimizer_name are also this module's API (accelerate, tests)
 from ..run_policy import offloads_optimizer, resolve_optimizer_name
 
@@ -104,7 +104,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         raise ValueError("the config names a stratopt_ds optimizer: pass model= so its named "
                          "parameter groups can be built")
     if name is not None or isinstance(optimizer, LayerwiseAdam):
-        check_model_parallel(model, kwargs.get("mpu"))
+        check_model_parallel(model, kwargs.get("mpu"), stage_of(config, "the DeepSpeed config"))
         prepared = run_policy.prepare(run_policy.RunRequest(
             optimizer=name or optimizer, deepspeed=config, names=SETTINGS))
         log_notes(prepared)

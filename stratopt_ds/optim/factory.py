@@ -16,18 +16,27 @@ def available_optimizers() -> list[str]:
     return list(OPTIMIZER_PRESETS)
 
 
+def is_pipeline_module(model: Any) -> bool:
+    """A DeepSpeed ``PipelineModule`` (found by class name: no deepspeed import here)."""
+    return any(cls.__name__ == "PipelineModule" for cls in type(model).__mro__)
+
+
 def named_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay on tensors with >= 2 dims, none on biases and norm weights; frozen tensors left out.
 
     Each group carries ``param_names``, from which the optimizer derives layer ids and depths.
+    A DeepSpeed ``PipelineModule`` names its tensors ``<pipeline layer index>.<name>``; they are
+    named ``layers.<index>.<name>`` here, so that each pipeline layer is a block (its depth is
+    its place among all the pipeline's layers, whichever stage holds it).
     """
+    prefix = "layers." if is_pipeline_module(model) else ""
     decay, no_decay = ([], []), ([], [])
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         params, names = decay if p.ndim >= 2 else no_decay
         params.append(p)
-        names.append(name)
+        names.append(prefix + name)
     groups = [{"params": ps, "param_names": ns, "weight_decay": wd}
               for (ps, ns), wd in ((decay, weight_decay), (no_decay, 0.0)) if ps]
     if not groups:

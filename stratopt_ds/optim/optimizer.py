@@ -44,14 +44,14 @@ Choices where the spec leaves room:
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable, ClassVar, Iterable, Optional
+from typing import Any, Callable, ClassVar, Iterable, Optional, Sequence
 
 import torch
 from torch.optim import Optimizer
 
 from .. import ops
 from ..ops.dispatch import HALF_DTYPES  # written by the fused update itself
-from ..layer_map import LayerMap, whole_tensor_map
+from ..layer_map import Fragment, LayerMap, layer_layout, whole_tensor_map
 from ..sharding import LocalSharding
 from . import config
 from .layer_stats import LayerStats, LayerStep
@@ -180,6 +180,30 @@ class LayerwiseAdam(Optimizer):
         The layer numbering is the optimizer's own, so the statistics carry over unchanged."""
         assert binding.layer_map.num_layers == self.layer_stats.num_layers
         self.sharding = binding
+
+    def number_layers_globally(self, model_names: Sequence[str]) -> None:
+        """Number the layers over ``model_names``, the parameter names of the whole model, of
+        which this optimizer holds a part (a pipeline stage), so that layer ids, depths and the
+        length of the norm vector are the same on every rank. Before the first step only."""
+        if int(self.layer_stats.count.sum()) or int(self.layer_stats.skipped_steps):
+            raise ValueError("number_layers_globally() after the first step would renumber the "
+                             "layer statistics; call it before training")
+        mine = self.param_name
+        missing = sorted(set(mine.values()) - set(model_names))
+        if missing:
+            raise ValueError(f"the model's parameter names lack this optimizer's {missing[:5]}")
+        layout = layer_layout(list(model_names), self.layer_options["granularity"])
+        # (DeepSpeed may already have swapped the groups' tensors for its partitions: the map
+        # is keyed by the tensors the optimizer was built with)
+        old = self.base_layer_map
+        index = {key: i for i, key in enumerate(layout.layer_names)}
+        frags = {tensor: [Fragment(f.start, f.length, index[old.layout.layer_names[f.layer]]) for f in fs]
+                 for tensor, fs in old.fragments.items()}
+        self.base_layer_map = LayerMap(layout, frags)
+        self.sharding = LocalSharding(self.base_layer_map)
+        device = self.layer_stats.gbar.device
+        self.layer_stats = None
+        self._init_layer_stats(device)
 
     def _init_layer_stats(self, device: torch.device) -> None:
         """(Re)create the layer statistics; they carry over when the numbering only grows."""

@@ -12,30 +12,39 @@ missing, truncated or corrupted one raises CheckpointError naming it.
 
     save_sharded(engine, "ckpt/step100")   # on every rank
     load_sharded(engine, "ckpt/step100")   # on every rank, any world size, any ZeRO stage
+
+A pipeline (``PipelineModule``) saves under the names :func:`stratopt_ds.optim.named_param_groups`
+gives its tensors (``layers.<i>.<name>``), so its checkpoint loads into any pipeline layout or
+into the unsplit model named the same way. Under tensor parallelism (AutoTP) a fragment of a
+split tensor also records its rank's slice (:class:`stratopt_ds.zero.tensor_parallel.Slice`), and
+fragments are matched in the unsplit tensor's coordinates, so TP2 x DP2 loads into DP4 and back.
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
 from .. import safe_load
 from ..safe_load import CheckpointError, check_file, unusable
+from .tensor_parallel import Slice, is_tensor_parallel, slices
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_slow")
 FORMAT = "stratopt-sharded-1"
 
 
-def _binding(engine):
+def _binding(engine, what: str):
+    """The optimizer, its ZeRO binding, and the TP slices of its split tensors (by name)."""
     optimizer = engine.basic_optimizer
     sharding = optimizer.sharding
     if sharding.is_local:
         from .binding import attach
         sharding = attach(optimizer, engine.optimizer)
-    return optimizer, sharding
+    return optimizer, sharding, slices(engine.module, optimizer.param_name, engine.optimizer, what)
 
 
 def _rank_world():
@@ -44,14 +53,19 @@ def _rank_world():
 
 def save_sharded(engine, path: str) -> None:
     """Write this rank's fragments (weights, moments) and, on rank 0, the shared scalars."""
-    optimizer, sharding = _binding(engine)
+    optimizer, sharding, tp_slices = _binding(engine, "save_sharded")
     rank, world = _rank_world()
     fragments = []
     for slot in sharding.slots:
         state = optimizer.state.get(slot.flat, {})
         for frag, (param, offset) in zip(slot.fragments, slot.sources):
-            piece = {"name": optimizer.param_name[id(param)], "offset": offset, "length": frag.length,
+            if sharding.tensor_parallel_rank > 0 and not is_tensor_parallel(param):
+                continue  # whole on every TP rank: saved once, by TP rank 0 (as the norm counts it)
+            name = optimizer.param_name[id(param)]
+            piece = {"name": name, "offset": offset, "length": frag.length,
                      "param": slot.flat.detach().narrow(0, frag.start, frag.length).clone()}
+            if name in tp_slices:  # offset and length are inside this TP rank's slice
+                piece["slice"] = dataclasses.astuple(tp_slices[name])
             for key in STATE_KEYS:
                 if key in state:
                     piece[key] = state[key].narrow(0, frag.start, frag.length).clone()
@@ -63,6 +77,7 @@ def save_sharded(engine, path: str) -> None:
                                "step": steps.pop() if steps else 0.0}
     if rank == 0:
         payload["layer_stats"] = optimizer.layer_stats.state_dict()
+        payload["layer_names"] = list(optimizer.base_layer_map.layout.layer_names)
         payload["param_groups"] = [{k: v for k, v in g.items() if k not in ("params", "param_names")}
                                    for g in optimizer.param_groups]
         payload["global_steps"] = engine.global_steps
@@ -87,7 +102,9 @@ def _load_all(path: str) -> list[dict]:
         problem = check_file(f)
         if problem is not None:
             raise unusable(f, problem)
-    parts = [safe_load.load(f) for f in files]
+    # mapped, not read: a rank copies only its own fragments' share of every file, so its memory
+    # stays its share of the checkpoint whatever the world size that saved it
+    parts = [safe_load.load(f, mmap=True) for f in files]
     for f, part in zip(files, parts):
         if not isinstance(part, dict) or part.get("format") != FORMAT:
             raise CheckpointError(f"{f}: not a {FORMAT} file (written by save_sharded); "
@@ -105,21 +122,40 @@ def _load_all(path: str) -> list[dict]:
     return parts
 
 
-def _fill(dest: torch.Tensor, name: str, offset: int, key: str, saved: dict[str, list]) -> None:
-    """Copy ``saved`` fragments of ``name`` overlapping ``[offset, offset+len(dest))`` into dest."""
-    covered = 0
+def _runs(offset: int, length: int, tp_slice) -> list[tuple[int, int, int]]:
+    """``(start in the unsplit tensor, start in the range, length)`` runs of a range of a tensor,
+    or of a TP slice of one."""
+    return tp_slice.runs(offset, length) if tp_slice is not None else [(offset, 0, length)]
+
+
+def _fill(dest: torch.Tensor, name: str, offset: int, key: str, saved: dict[str, list],
+          tp_slice: Optional[Slice] = None) -> None:
+    """Copy the ``saved`` fragments of ``name`` that overlap ``[offset, offset+len(dest))`` (of
+    this rank's TP slice of it, if ``tp_slice``) into ``dest``, matched in the coordinates of
+    the unsplit tensor: any data-, tensor- or pipeline-parallel layout to any other."""
+    wanted, covered = _runs(offset, dest.numel(), tp_slice), 0
     for piece in saved.get(name, ()):
-        lo, hi = max(offset, piece["offset"]), min(offset + dest.numel(), piece["offset"] + piece["length"])
-        if hi > lo and key in piece:
-            dest.narrow(0, lo - offset, hi - lo).copy_(piece[key].narrow(0, lo - piece["offset"], hi - lo))
-            covered += hi - lo
+        if key not in piece:
+            continue
+        have = _runs(piece["offset"], piece["length"], Slice(*piece["slice"]) if "slice" in piece else None)
+        i = j = 0  # both lists run in increasing unsplit order: one merge
+        while i < len(wanted) and j < len(have):
+            (w, w_at, w_len), (h, h_at, h_len) = wanted[i], have[j]
+            lo, hi = max(w, h), min(w + w_len, h + h_len)
+            if hi > lo:
+                dest.narrow(0, w_at + lo - w, hi - lo).copy_(piece[key].narrow(0, h_at + lo - h, hi - lo))
+                covered += hi - lo
+            if w + w_len <= h + h_len:
+                i += 1
+            else:
+                j += 1
     if covered != dest.numel():
         raise ValueError(f"checkpoint covers {covered} of {dest.numel()} elements of {name!r} ({key})")
 
 
 def load_sharded(engine, path: str) -> None:
     """Load a :func:`save_sharded` checkpoint written at any world size into ``engine``."""
-    optimizer, sharding = _binding(engine)
+    optimizer, sharding, tp_slices = _binding(engine, "load_sharded")
     parts = _load_all(path)
     saved: dict[str, list] = {}
     for part in parts:
@@ -133,17 +169,35 @@ def load_sharded(engine, path: str) -> None:
             state["step"].fill_(head["step"])
             for frag, (param, offset) in zip(slot.fragments, slot.sources):
                 name = optimizer.param_name[id(param)]
-                _fill(slot.flat.narrow(0, frag.start, frag.length), name, offset, "param", saved)
+                where = tp_slices.get(name)
+                _fill(slot.flat.narrow(0, frag.start, frag.length), name, offset, "param", saved, where)
                 for key in STATE_KEYS:
                     if key in state:
-                        _fill(state[key].narrow(0, frag.start, frag.length), name, offset, key, saved)
-    optimizer.layer_stats.load_state_dict(head["layer_stats"])
+                        _fill(state[key].narrow(0, frag.start, frag.length), name, offset, key, saved, where)
+    optimizer.layer_stats.load_state_dict(_in_layer_order(head, optimizer.base_layer_map.layout.layer_names, path))
     for group, saved_group in zip(optimizer.param_groups, head["param_groups"]):
         group.update(saved_group)
     engine.global_steps = head["global_steps"]
     if head.get("lr_scheduler") is not None and getattr(engine, "lr_scheduler", None) is not None:
         engine.lr_scheduler.load_state_dict(head["lr_scheduler"])
     _refresh_low_precision_weights(engine.optimizer, sharding)
+
+
+def _in_layer_order(head: dict, mine: list[str], path: str) -> dict:
+    """The saved per-layer statistics in this optimizer's layer order: layouts number the same
+    layers differently (a pipeline stage by stage, one process group by group). Matched by
+    layer name; a checkpoint without names (older) is taken in its own order."""
+    stats, saved = head["layer_stats"], head.get("layer_names")
+    if saved is None or list(saved) == list(mine):
+        return stats
+    if sorted(saved) != sorted(mine):
+        extra, missing = sorted(set(saved) - set(mine)), sorted(set(mine) - set(saved))
+        raise CheckpointError(f"{path}: the checkpoint's layers are not this model's (only in the "
+                              f"checkpoint: {extra[:5]}; only here: {missing[:5]}); load it into the "
+                              "model it was saved from")
+    where = {name: i for i, name in enumerate(saved)}
+    order = torch.tensor([where[name] for name in mine])
+    return {key: value[order] if value.dim() == 1 else value for key, value in stats.items()}
 
 
 def _refresh_low_precision_weights(wrapper, sharding) -> None:

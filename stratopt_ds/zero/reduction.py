@@ -1,7 +1,8 @@
 """The one collective of a sharded step: all-reduce the per-layer partial sums of squares.
 
 Each rank sums squares over the fragments it holds (a length-L float64 vector); one SUM
-all-reduce over the data-parallel group gives every rank the same, bit-identical vector.
+all-reduce over the data-parallel group (every rank under tensor or pipeline parallelism, where
+each element is counted on exactly one rank) gives every rank the same, bit-identical vector.
 No gathers, no per-layer collectives, no host synchronisation.
 """
 from __future__ import annotations
