@@ -54,19 +54,21 @@ def test_combined_scale_is_loss_scale_times_deepspeeds_clip_coefficient():
 
 
 def test_pipeline_names_are_gathered_stage_by_stage_and_tied_layers_refused(monkeypatch):
-    """Every rank gets the names of stage 0, then stage 1, ... from one rank of each stage (the
-    data-parallel replicas repeat them); a name on two stages (a TiedLayerSpec) is refused."""
+    """Every rank gets the names of stage 0, then stage 1, ... from its pipe group (one rank of
+    each stage); a name on two stages (a TiedLayerSpec) is refused."""
+    pipe_group = object()
+
     def gathered(per_rank):
-        def all_gather_object(out, obj):
+        def all_gather_object(out, obj, group=None):
+            assert group is pipe_group and len(out) == len(per_rank)  # the pipe group only
             out[:] = per_rank
         monkeypatch.setattr(binding.dist, "all_gather_object", all_gather_object)
-        monkeypatch.setattr(binding.dist, "get_world_size", lambda *a, **k: len(per_rank))
+        return SimpleNamespace(get_stage_id=lambda: 0, get_pipe_parallel_world_size=lambda: len(per_rank),
+                               get_pipe_parallel_group=lambda: pipe_group)
 
-    grid = SimpleNamespace(get_stage_id=lambda: 0)
     opt = SimpleNamespace(param_name={1: "layers.0.w"})
-    gathered([(1, ["layers.2.w", "layers.3.w"]), (0, ["layers.0.w", "layers.1.w"]),
-              (1, ["layers.2.w", "layers.3.w"]), (0, ["layers.0.w", "layers.1.w"])])
+    grid = gathered([(1, ["layers.2.w", "layers.3.w"]), (0, ["layers.0.w", "layers.1.w"])])
     assert binding.model_names(opt, grid) == ["layers.0.w", "layers.1.w", "layers.2.w", "layers.3.w"]
-    gathered([(0, ["layers.0.w", "tied_modules.embed.weight"]), (1, ["layers.2.w", "tied_modules.embed.weight"])])
+    grid = gathered([(0, ["layers.0.w", "tied_modules.embed.weight"]), (1, ["layers.2.w", "tied_modules.embed.weight"])])
     with pytest.raises(UnsupportedZeroSetting, match=r"TiedLayerSpec: \['tied_modules.embed.weight'\]"):
         binding.model_names(opt, grid)

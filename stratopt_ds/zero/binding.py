@@ -82,9 +82,11 @@ def pipeline_grid(wrapper):
 
 def model_names(optimizer, grid) -> list[str]:
     """The parameter names of the whole pipeline, stage by stage: gathered once, at bind time,
-    from one rank of each stage (all ranks get the same list, so the same layer ids)."""
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, (grid.get_stage_id(), list(optimizer.param_name.values())))
+    within this rank's pipe group (one rank of each stage; every pipe group holds the same
+    model, so every rank gets the same list, hence the same layer ids)."""
+    everyone = [None] * grid.get_pipe_parallel_world_size()
+    dist.all_gather_object(everyone, (grid.get_stage_id(), list(optimizer.param_name.values())),
+                           group=grid.get_pipe_parallel_group())
     by_stage = {}
     for stage, names in everyone:
         by_stage.setdefault(stage, names)
