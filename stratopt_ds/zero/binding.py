@@ -20,6 +20,7 @@ both, and the waiting groups are divided by exactly what the group in hand was d
 """
 from __future__ import annotations
 
+import collections
 import gc
 import logging
 from typing import Optional
@@ -91,7 +92,7 @@ def model_names(optimizer, grid) -> list[str]:
     for stage, names in everyone:
         by_stage.setdefault(stage, names)
     names = [name for stage in sorted(by_stage) for name in by_stage[stage]]
-    shared = sorted({name for name in names if names.count(name) > 1})
+    shared = sorted(name for name, n in collections.Counter(names).items() if n > 1)
     if shared:  # a TiedLayerSpec: the same tensor on two stages, its gradient summed by DeepSpeed
         raise UnsupportedZeroSetting(f"tied layers across pipeline stages (deepspeed.pipe.TiedLayerSpec: "
                                      f"{shared[:3]}) are not supported by stratopt_ds yet (the norm "

@@ -22,6 +22,7 @@ fragments are matched in the unsplit tensor's coordinates, so TP2 x DP2 loads in
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import os
 from typing import Any, Optional
@@ -122,10 +123,12 @@ def _load_all(path: str) -> list[dict]:
     return parts
 
 
-def _runs(offset: int, length: int, tp_slice) -> list[tuple[int, int, int]]:
+@functools.lru_cache(maxsize=4096)
+def _runs(offset: int, length: int, tp_slice: Optional[Slice]) -> tuple[tuple[int, int, int], ...]:
     """``(start in the unsplit tensor, start in the range, length)`` runs of a range of a tensor,
-    or of a TP slice of one."""
-    return tp_slice.runs(offset, length) if tp_slice is not None else [(offset, 0, length)]
+    or of a TP slice of one. Cached: a load asks for the same ranges once per state key and a
+    row-parallel slice has one run per row."""
+    return tuple(tp_slice.runs(offset, length)) if tp_slice is not None else ((offset, 0, length),)
 
 
 def _fill(dest: torch.Tensor, name: str, offset: int, key: str, saved: dict[str, list],
@@ -133,11 +136,16 @@ def _fill(dest: torch.Tensor, name: str, offset: int, key: str, saved: dict[str,
     """Copy the ``saved`` fragments of ``name`` that overlap ``[offset, offset+len(dest))`` (of
     this rank's TP slice of it, if ``tp_slice``) into ``dest``, matched in the coordinates of
     the unsplit tensor: any data-, tensor- or pipeline-parallel layout to any other."""
+    if dest.numel() == 0:
+        return
     wanted, covered = _runs(offset, dest.numel(), tp_slice), 0
+    first, last = wanted[0][0], wanted[-1][0] + wanted[-1][2]
     for piece in saved.get(name, ()):
         if key not in piece:
             continue
         have = _runs(piece["offset"], piece["length"], Slice(*piece["slice"]) if "slice" in piece else None)
+        if have[-1][0] + have[-1][2] <= first or have[0][0] >= last:
+            continue  # no overlap anywhere: skip the merge
         i = j = 0  # both lists run in increasing unsplit order: one merge
         while i < len(wanted) and j < len(have):
             (w, w_at, w_len), (h, h_at, h_len) = wanted[i], have[j]
